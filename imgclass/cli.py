@@ -1,0 +1,84 @@
+"""The `imgclass` command: serve, balance, up, and the other subcommands."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__, config
+from .errors import ConfigError
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from . import server
+
+    parser = config.make_parser("imgclass serve", "Run one model server.")
+    server.add_arguments(parser)
+    settings = server.ServerSettings.from_namespace(parser.parse_args(argv))
+    server.serve(settings)
+    return 0
+
+
+def _fetch_model(argv: Sequence[str]) -> int:
+    import os
+
+    from . import modelfiles
+
+    parser = config.make_parser("imgclass fetch-model", "Download the model and labels and check their sha256.")
+    parser.add_argument("--dest", default="models", help="folder to store them in [default models]")
+    args = parser.parse_args(argv)
+    env_dir = os.environ.get("IMGCLASS_MODEL_DIR")
+    if env_dir and modelfiles.is_valid(env_dir):
+        print(f"model files present and verified in IMGCLASS_MODEL_DIR={env_dir}")
+        return 0
+    fetched = modelfiles.download(args.dest)
+    print(f"model files verified in {args.dest}" + (f" (downloaded {len(fetched)})" if fetched else ""))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "serve": ("run one model server (POST /predict)", _serve),
+    "fetch-model": ("download the model files and check their sha256", _fetch_model),
+}
+
+
+def register(name: str, summary: str) -> Callable[[Callable[[Sequence[str]], int]], Callable[[Sequence[str]], int]]:
+    def wrap(fn: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
+        COMMANDS[name] = (summary, fn)
+        return fn
+
+    return wrap
+
+
+def usage() -> str:
+    lines = [f"imgclass {__version__}: image classification as a distributed web service", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (summary, _) in COMMANDS.items()]
+    lines += ["", "Run 'imgclass COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run(command: str, argv: Sequence[str]) -> int:
+    """Run one subcommand; a ConfigError becomes one sentence on stderr and exit status 2."""
+    try:
+        return COMMANDS[command][1](argv)
+    except ConfigError as exc:
+        print(f"imgclass {command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"imgclass: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return run(argv[0], argv[1:])
+
+

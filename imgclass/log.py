@@ -1,0 +1,65 @@
+"""One log line per event: `timestamp server-name script action key=value ...`, with the request id."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+import uuid
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _value(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "='):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
+class EventLogger:
+    """Writes `timestamp server script action key=value ...` lines through stdlib logging."""
+
+    def __init__(self, server: str, script: str, logger: logging.Logger) -> None:
+        self.server = server
+        self.script = script
+        self._logger = logger
+
+    def _emit(self, level: int, action: str, fields: dict[str, object]) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        ms = f"{time.time() % 1:.3f}"[1:]
+        parts = [f"{stamp}{ms}Z", _value(self.server), self.script, action, f"request_id={request_id.get()}"]
+        parts += [f"{k}={_value(v)}" for k, v in fields.items()]
+        self._logger.log(level, " ".join(parts))
+
+    def info(self, action: str, **fields: object) -> None:
+        self._emit(logging.INFO, action, fields)
+
+    def debug(self, action: str, **fields: object) -> None:
+        self._emit(logging.DEBUG, action, fields)
+
+    def warning(self, action: str, **fields: object) -> None:
+        self._emit(logging.WARNING, action, fields)
+
+    def error(self, action: str, **fields: object) -> None:
+        self._emit(logging.ERROR, action, fields)
+
+
+def get_logger(server: str, script: str, level: str = "INFO") -> EventLogger:
+    logger = logging.getLogger(f"imgclass.{script}")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return EventLogger(server, script, logger)

@@ -1,0 +1,229 @@
+"""The model server: an aiohttp app factory for POST /predict, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import config, log
+from .backends import Backend, BackendOptions, load_backend
+from .batching import Batcher, Job, Result
+from .errors import BadParameter, ConfigError, NotReady
+from .httpapp import (
+    LOGGER_KEY,
+    REGISTRY_KEY,
+    bind_socket,
+    healthz,
+    json_response,
+    make_middleware,
+    metrics_handler,
+    run_until_signalled,
+    socket_url,
+)
+from .images import decode
+from .payload import read_image
+
+SERVER_OPTIONS = [
+    "host", "port", "name", "log_level", "backend", "model_dir", "weights", "threads", "max_batch",
+    "batch_timeout_ms", "max_queue", "max_upload_mb", "max_pixels", "service_time", "seed",
+]  # fmt: skip
+
+MAX_TOP = 20
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5001
+    name: str | None = None
+    log_level: str = "INFO"
+    backend: str = "litert"
+    model_dir: str = "models"
+    weights: str = "imagenet"
+    threads: int = 0
+    max_batch: int = 0
+    batch_timeout_ms: float = 2.0
+    max_queue: int = 128
+    max_upload_mb: float = 20.0
+    max_pixels: int = 50_000_000
+    service_time: str = "exp:20ms"
+    seed: int | None = None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> ServerSettings:
+        return cls(**{name: getattr(ns, name) for name in SERVER_OPTIONS})
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+
+class ModelServer:
+    """Holds the loaded backend, its batcher and its metrics for one app."""
+
+    def __init__(self, settings: ServerSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.backend: Backend = load_backend(
+            settings.backend,
+            BackendOptions(settings.model_dir, settings.weights, settings.service_time, settings.seed),
+        )
+        self.threads = settings.threads or self.backend.default_threads()
+        max_batch = settings.max_batch or self.backend.default_max_batch
+        if max_batch > self.backend.max_batch_allowed():
+            raise ConfigError(
+                f"--max-batch {max_batch} is more than the {settings.backend} backend accepts "
+                f"({self.backend.max_batch_allowed()}); lower it."
+            )
+        engines = [self.backend.engine(i) for i in range(self.threads)]
+        for engine in engines:
+            self.backend.warm_up(engine, max_batch)
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imgclass_server_requests", "Requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "imgclass_server_predict_seconds", "POST /predict latency", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.batch_sizes = Histogram(
+            "imgclass_server_batch_size", "Images per inference batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )  # fmt: skip
+        self.batcher = Batcher(
+            engines,
+            functools.partial(decode, max_pixels=settings.max_pixels),
+            max_batch=max_batch,
+            batch_timeout_s=settings.batch_timeout_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=self.batch_sizes.observe,
+        )
+        Gauge(
+            "imgclass_server_queue_depth", "Requests waiting for a worker", registry=self.registry
+        ).set_function(lambda: self.batcher.depth)
+        Gauge(
+            "imgclass_server_busy_workers", "Worker threads running a batch", registry=self.registry
+        ).set_function(lambda: self.batcher.busy)
+        self.ready = False
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "server": self.name,
+            "backend": self.settings.backend,
+            "model": self.backend.model_name,
+            "threads": self.threads,
+            "max_batch": self.batcher.max_batch,
+            "max_queue": self.batcher.max_queue,
+        }
+
+    def response_body(self, result: Result, total_ms: float) -> dict[str, object]:
+        labels = self.backend.labels
+        return {
+            "predictions": [{"index": i, "label": labels[i], "score": round(p, 6)} for i, p in result.classes],
+            "model": self.backend.model_name,
+            "server": self.name,
+            "timing_ms": {
+                "decode": round(result.decode_ms, 3),
+                "queue": round(result.queue_ms, 3),
+                "infer": round(result.infer_ms, 3),
+                "total": round(total_ms, 3),
+            },
+            "batch_size": result.batch_size,
+        }
+
+
+SERVER_KEY = web.AppKey("model_server", ModelServer)
+
+
+def parse_top(request: web.Request) -> int:
+    raw = request.query.get("top", "5")
+    try:
+        top = int(raw)
+    except ValueError:
+        top = 0
+    if not 1 <= top <= MAX_TOP:
+        raise BadParameter(f"top must be a whole number from 1 to {MAX_TOP}, not {raw!r}.")
+    return top
+
+
+async def predict(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    start = time.perf_counter()
+    if not server.ready:
+        raise NotReady("The server is starting or shutting down; retry shortly.", retry_after=1)
+    top = parse_top(request)
+    data = await read_image(request, server.settings.max_upload_bytes)
+    result = await server.batcher.submit(Job(data, top))
+    total_ms = (time.perf_counter() - start) * 1000
+    server.latency.observe(total_ms / 1000)
+    return json_response(server.response_body(result, total_ms))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    server = request.app[SERVER_KEY]
+    if not server.ready:
+        raise NotReady("The model is not loaded yet, or the server is shutting down.", retry_after=1)
+    return json_response({"status": "ready", **server.describe()})
+
+
+async def info(request: web.Request) -> web.Response:
+    return json_response(request.app[SERVER_KEY].describe())
+
+
+def create_app(settings: ServerSettings, name: str | None = None) -> web.Application:
+    """Load and warm up the model, then return the app. Nothing is loaded at import time."""
+    name = name or settings.name or f"{settings.host}:{settings.port}"
+    logger = log.get_logger(name, "server", settings.log_level)
+    server = ModelServer(settings, name)
+
+    def on_done(request: web.Request, status: int, seconds: float) -> None:
+        route = request.match_info.route.resource
+        server.requests.labels(route.canonical if route else "other", str(status)).inc()
+        if request.path == "/predict":
+            logger.info("predict", status=status, ms=f"{seconds * 1000:.2f}")
+
+    app = web.Application(client_max_size=settings.max_upload_bytes, middlewares=[make_middleware(on_done)])
+    app[SERVER_KEY] = server
+    app[LOGGER_KEY] = logger
+    app[REGISTRY_KEY] = server.registry
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/", info)
+
+    async def start(app: web.Application) -> None:
+        await server.batcher.start()
+        server.ready = True
+        logger.info("ready", **server.describe())
+
+    async def shutdown(app: web.Application) -> None:
+        server.ready = False  # balancers' health checks see 503 and stop sending
+
+    async def cleanup(app: web.Application) -> None:
+        await server.batcher.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    return app
+
+
+def serve(settings: ServerSettings) -> None:
+    sock = bind_socket(settings.host, settings.port)
+    name = settings.name or socket_url(sock).removeprefix("http://")
+    logger = log.get_logger(name, "server", settings.log_level)
+    logger.info("loading", backend=settings.backend, model_dir=os.path.abspath(settings.model_dir))
+    app = create_app(settings, name)
+    asyncio.run(run_until_signalled(app, sock, logger))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_options(parser, SERVER_OPTIONS)

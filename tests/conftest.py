@@ -1,0 +1,117 @@
+"""Shared fixtures: model files, the shared photos, and real server processes on ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imgclass import modelfiles
+from imgclass.process import Child, stop_all
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+# ../shared/README.md: photo -> top-1 Keras index after a plain 224x224 bilinear resize
+PHOTOS = {
+    "cat.bmp": 285,
+    "cat_720p.jpg": 285,
+    "bird.bmp": 19,
+    "dragonfly.bmp": 319,
+    "grace_hopper.bmp": 652,
+    "parrot.jpg": 88,
+    "sunflower.bmp": 985,
+    "missvickie_potato_chips.bmp": 692,
+}
+CAT_CLASSES = {281, 282, 283, 284, 285, 287}  # tabby, tiger, Persian, Siamese, Egyptian, lynx
+
+
+def _model_dir() -> Path:
+    candidates = [os.environ.get("IMGCLASS_MODEL_DIR"), ROOT.parent / "shared" / "models", ROOT / "models"]
+    for candidate in candidates:
+        if candidate and modelfiles.is_valid(candidate):
+            return Path(candidate).resolve()
+    pytest.fail("no verified model files: set IMGCLASS_MODEL_DIR=../shared/models or run ./install_script.sh")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return _model_dir()
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    for candidate in (ROOT.parent / "shared" / "images", ROOT / "tests" / "images"):
+        if candidate.is_dir():
+            return candidate
+    pytest.fail("../shared/images is missing; the tests need the shared photos beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def spawn(model_dir: Path) -> Iterator[Callable[..., Child]]:
+    """spawn('serve', '--backend', 'sleep', ...) -> a started Child with .url; all stopped at the end."""
+    children: list[Child] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Child:
+        child = Child([*args], env={"IMGCLASS_MODEL_DIR": str(model_dir), **(env or {})})
+        children.append(child)
+        if wait:
+            child.wait_url()
+        return child
+
+    yield start
+    stop_all(children)
+
+
+@pytest.fixture(scope="session")
+def litert_server(spawn: Callable[..., Child]) -> str:
+    return spawn("serve", "--port", "0", "--max-upload-mb", "20").url  # type: ignore[return-value]
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP call; 4xx/5xx come back as values, not exceptions."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def multipart(fields: dict[str, tuple[str, bytes, str] | str]) -> tuple[bytes, str]:
+    boundary = "----imgclass-test-boundary-7d93"
+    out = bytearray()
+    for name, value in fields.items():
+        out += f"--{boundary}\r\n".encode()
+        if isinstance(value, tuple):
+            filename, data, ctype = value
+            out += f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'.encode()
+            out += f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+        else:
+            out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
+
+def post_image(url: str, data: bytes, filename: str = "x.jpg", **extra: str) -> tuple[int, dict[str, str], dict]:
+    body, ctype = multipart({"image": (filename, data, "application/octet-stream"), **extra})
+    status, headers, raw = http("POST", url, body, {"Content-Type": ctype})
+    return status, headers, json.loads(raw)
+
+
+def post_json(url: str, doc: object) -> tuple[int, dict[str, str], dict]:
+    status, headers, raw = http("POST", url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+    return status, headers, json.loads(raw)
