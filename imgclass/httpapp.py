@@ -119,10 +119,10 @@ async def run_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    logger.info("listening", url=socket_url(sock))
+    logger.notice("listening", url=socket_url(sock))
     try:
         await stop.wait()
     finally:
-        logger.info("stopping")
+        logger.notice("stopping")
         await runner.cleanup()
-        logger.info("stopped")
+        logger.notice("stopped")

@@ -35,11 +35,15 @@ class EventLogger:
     def _emit(self, level: int, action: str, fields: dict[str, object]) -> None:
         if not self._logger.isEnabledFor(level):
             return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        ms = f"{time.time() % 1:.3f}"[1:]
-        parts = [f"{stamp}{ms}Z", _value(self.server), self.script, action, f"request_id={request_id.get()}"]
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        parts = [stamp, _value(self.server), self.script, action, f"request_id={request_id.get()}"]
         parts += [f"{k}={_value(v)}" for k, v in fields.items()]
         self._logger.log(level, " ".join(parts))
+
+    def notice(self, action: str, **fields: object) -> None:
+        """A lifecycle line (listening, stopping) that every log level shows: supervisors read it."""
+        self._emit(max(logging.INFO, self._logger.getEffectiveLevel()), action, fields)
 
     def info(self, action: str, **fields: object) -> None:
         self._emit(logging.INFO, action, fields)

@@ -41,21 +41,29 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 5001
-    name: str | None = None
-    log_level: str = "INFO"
-    backend: str = "litert"
-    model_dir: str = "models"
-    weights: str = "imagenet"
-    threads: int = 0
-    max_batch: int = 0
-    batch_timeout_ms: float = 2.0
-    max_queue: int = 128
-    max_upload_mb: float = 20.0
-    max_pixels: int = 50_000_000
-    service_time: str = "exp:20ms"
-    seed: int | None = None
+    """Resolved model-server options; defaults live only in config.OPTIONS."""
+
+    host: str
+    port: int
+    name: str | None
+    log_level: str
+    backend: str
+    model_dir: str
+    weights: str
+    threads: int
+    max_batch: int
+    batch_timeout_ms: float
+    max_queue: int
+    max_upload_mb: float
+    max_pixels: int
+    service_time: str
+    seed: int | None
+
+    @classmethod
+    def make(cls, **overrides: object) -> ServerSettings:
+        """Settings from the option table's defaults, with `overrides` (for tests and `imgclass up`)."""
+        values = {name: config.OPTIONS[name].default for name in SERVER_OPTIONS}
+        return cls(**{**values, **overrides})  # type: ignore[arg-type]
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> ServerSettings:
@@ -163,7 +171,7 @@ async def predict(request: web.Request) -> web.Response:
     result = await server.batcher.submit(Job(data, top))
     total_ms = (time.perf_counter() - start) * 1000
     server.latency.observe(total_ms / 1000)
-    return json_response(server.response_body(result, total_ms))
+    return json_response(server.response_body(result, total_ms), headers={"X-Served-By": server.name})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -1,0 +1,223 @@
+"""Latency and throughput statistics over raw per-request records; no HTTP, no plotting."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
+
+
+def percentile(values: np.ndarray | list[float], q: float) -> float:
+    """Nearest-rank percentile (HdrHistogram's definition): the smallest value with >= q% of data at or below it."""
+    arr = np.sort(np.asarray(values, dtype=np.float64))
+    if arr.size == 0:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * arr.size))
+    return float(arr[min(rank, arr.size) - 1])
+
+
+def batch_means_ci(values: np.ndarray, batches: int = 20, z: float = 1.96) -> tuple[float, float]:
+    """95% CI for the mean by non-overlapping batch means, which tolerates the autocorrelation of queueing data."""
+    n = values.size
+    if n < 2 * batches:
+        if n < 2:
+            return (math.nan, math.nan)
+        half = z * float(np.std(values, ddof=1)) / math.sqrt(n)
+        return (float(values.mean()) - half, float(values.mean()) + half)
+    usable = n - n % batches
+    means = values[:usable].reshape(batches, -1).mean(axis=1)
+    half = z * float(np.std(means, ddof=1)) / math.sqrt(batches)
+    return (float(means.mean()) - half, float(means.mean()) + half)
+
+
+def bootstrap_percentile_ci(
+    values: np.ndarray, q: float = 50.0, resamples: int = 400, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap CI for a percentile."""
+    n = values.size
+    if n < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, min(n, 20_000)))
+    sample = values[idx]
+    estimates = np.percentile(sample, q, axis=1, method="inverted_cdf")
+    lo, hi = np.percentile(estimates, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Latency figures in milliseconds."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    p999: float
+    max: float
+    mean_ci: tuple[float, float]
+    p50_ci: tuple[float, float]
+    ci_method: str = "mean: batch means (20 batches); p50: percentile bootstrap (400 resamples)"
+
+    @classmethod
+    def of(cls, latencies_ms: np.ndarray | list[float]) -> LatencySummary:
+        arr = np.asarray(latencies_ms, dtype=np.float64)
+        if arr.size == 0:
+            nan = math.nan
+            return cls(0, nan, nan, nan, nan, nan, nan, nan, (nan, nan), (nan, nan))
+        return cls(
+            count=int(arr.size),
+            mean=float(arr.mean()),
+            max=float(arr.max()),
+            mean_ci=batch_means_ci(arr),
+            p50_ci=bootstrap_percentile_ci(arr),
+            **{name: percentile(arr, q) for name, q in PERCENTILES.items()},
+        )
+
+
+# Per-request record columns, as parallel numpy arrays; times are seconds since the run's start.
+RECORD_FIELDS = ("intended", "sent", "done", "status", "backend", "error")
+DROPPED = "dropped"  # could not start on time because of the in-flight bound
+
+
+@dataclass
+class Records:
+    """Raw per-request results of one load run."""
+
+    intended: list[float] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)
+    done: list[float] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)  # 0 when there was no HTTP response
+    backend: list[str] = field(default_factory=list)
+    error: list[str] = field(default_factory=list)  # "" on success; DROPPED if never sent
+
+    def add(self, intended: float, sent: float, done: float, status: int, backend: str, error: str) -> None:
+        self.intended.append(intended)
+        self.sent.append(sent)
+        self.done.append(done)
+        self.status.append(status)
+        self.backend.append(backend)
+        self.error.append(error)
+
+    def __len__(self) -> int:
+        return len(self.intended)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "intended": np.asarray(self.intended, np.float64),
+            "sent": np.asarray(self.sent, np.float64),
+            "done": np.asarray(self.done, np.float64),
+            "status": np.asarray(self.status, np.int32),
+            "backend": np.asarray(self.backend, dtype=object),
+            "error": np.asarray(self.error, dtype=object),
+        }
+
+    def save_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error"])
+            for row in zip(self.intended, self.sent, self.done, self.status, self.backend, self.error, strict=True):
+                writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:]])
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Everything one open-loop run reports."""
+
+    offered_rate: float  # requests/s asked for
+    scheduled_rate: float  # requests/s of the drawn schedule inside the window
+    achieved_rate: float  # requests/s actually sent inside the window
+    throughput: float  # successful responses/s inside the window
+    duration_s: float
+    sent: int
+    ok: int
+    dropped: int
+    errors: dict[str, int]
+    latency: LatencySummary  # successful requests, from the *intended* send time
+    send_lag_p99_ms: float  # how late the generator itself was
+    backends: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def flat(self, prefix: str = "") -> dict[str, object]:
+        """One CSV row: units in the column names."""
+        lat = self.latency
+        row: dict[str, object] = {
+            "offered_rate": round(self.offered_rate, 3),
+            "scheduled_rate": round(self.scheduled_rate, 3),
+            "achieved_rate": round(self.achieved_rate, 3),
+            "throughput": round(self.throughput, 3),
+            "duration_s": round(self.duration_s, 3),
+            "sent": self.sent,
+            "ok": self.ok,
+            "dropped": self.dropped,
+            "errors": sum(self.errors.values()),
+            "error_types": json.dumps(self.errors, sort_keys=True),
+            "mean_ms": lat.mean,
+            "mean_ci_low_ms": lat.mean_ci[0],
+            "mean_ci_high_ms": lat.mean_ci[1],
+            "p50_ms": lat.p50,
+            "p50_ci_low_ms": lat.p50_ci[0],
+            "p50_ci_high_ms": lat.p50_ci[1],
+            "p90_ms": lat.p90,
+            "p95_ms": lat.p95,
+            "p99_ms": lat.p99,
+            "p999_ms": lat.p999,
+            "max_ms": lat.max,
+            "send_lag_p99_ms": self.send_lag_p99_ms,
+        }
+        return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: float) -> RunSummary:
+    """Statistics over requests *intended* in [warmup_s, end_s); warm-up requests are left out."""
+    a = records.arrays()
+    in_window = (a["intended"] >= warmup_s) & (a["intended"] < end_s)
+    dropped = in_window & (a["error"] == DROPPED)
+    window = in_window & ~dropped
+    duration = max(end_s - warmup_s, 1e-9)
+    ok = window & (a["status"] == 200)
+    latencies = (a["done"][ok] - a["intended"][ok]) * 1000.0
+    errors = Counter(str(e) for e in a["error"][window] if e)
+    lag = (a["sent"][window] - a["intended"][window]) * 1000.0
+    sent = int(window.sum())
+    return RunSummary(
+        offered_rate=offered_rate,
+        scheduled_rate=int(in_window.sum()) / duration,
+        achieved_rate=sent / duration,
+        throughput=int(ok.sum()) / duration,
+        duration_s=duration,
+        sent=sent,
+        ok=int(ok.sum()),
+        dropped=int(dropped.sum()),
+        errors=dict(errors),
+        latency=LatencySummary.of(latencies),
+        send_lag_p99_ms=percentile(lag, 99) if lag.size else math.nan,
+        backends=dict(Counter(str(b) for b in a["backend"][ok])),
+    )
+
+
+def write_rows_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
+
+
+def read_rows_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,94 @@
+"""Unit tests with no sockets: config, service times, top-k, errors, log lines."""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+
+import numpy as np
+import pytest
+
+from imgclass import config, errors, log
+from imgclass.batching import top_k
+from imgclass.servicetime import parse_duration, parse_service_time
+
+
+def _parse(argv: list[str], names: list[str], environ: dict[str, str] | None = None):
+    parser = config.make_parser("t", "t")
+    config.add_options(parser, names, environ=environ or {})
+    return parser.parse_args(argv)
+
+
+def test_env_fallback_and_flag_precedence() -> None:
+    ns = _parse([], ["port", "max_batch"], {"IMGCLASS_PORT": "6000"})
+    assert ns.port == 6000 and ns.max_batch == config.OPTIONS["max_batch"].default
+    assert _parse(["--port", "7000"], ["port"], {"IMGCLASS_PORT": "6000"}).port == 7000
+
+
+def test_invalid_env_names_the_variable() -> None:
+    with pytest.raises(errors.ConfigError, match="IMGCLASS_PORT='x'.*Fix or unset"):
+        _parse([], ["port"], {"IMGCLASS_PORT": "x"})
+
+
+def test_invalid_flag_says_what_is_expected() -> None:
+    with pytest.raises(errors.ConfigError, match="0 to 65535"):
+        _parse(["--port", "70000"], ["port"])
+    with pytest.raises(errors.ConfigError, match="http"):
+        _parse(["--backends", "10.0.0.1:5000"], ["backends"])
+
+
+def test_url_list() -> None:
+    assert config.url_list("http://a:1/, http://b:2") == ["http://a:1", "http://b:2"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("20ms", 0.02), ("1.5s", 1.5), ("300us", 0.0003), ("2", 2.0)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["exp", "exp:", "uniform:5ms", "lognormal:20ms", "const:-1ms", "exp:fast"])
+def test_bad_service_times(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_service_time(bad)
+
+
+@pytest.mark.parametrize("spec", ["exp:20ms", "const:5ms", "lognormal:20ms,0.5"])
+def test_service_time_mean_and_spread(spec: str) -> None:
+    dist = parse_service_time(spec)
+    rng = random.Random(12345)
+    samples = [dist.sample(rng) for _ in range(40_000)]
+    assert statistics.fmean(samples) == pytest.approx(dist.mean, rel=0.02)
+    assert statistics.pstdev(samples) == pytest.approx(dist.std, rel=0.05, abs=1e-12)
+
+
+def test_top_k_exact() -> None:
+    probs = np.array([0.1, 0.5, 0.05, 0.3, 0.05], np.float32)
+    assert [i for i, _ in top_k(probs, 3)] == [1, 3, 0]
+    assert top_k(probs, 10)[0] == (1, pytest.approx(0.5))
+
+
+def test_error_tree_statuses() -> None:
+    assert issubclass(errors.TooManyPixels, errors.RequestError)
+    assert errors.TooManyPixels("x").status == 422
+    assert errors.UnsupportedFormat("x").status == 415
+    assert errors.PayloadTooLarge("x").status == 413
+    overloaded = errors.Overloaded("full", retry_after=0.2)
+    assert overloaded.status == 503 and overloaded.http_headers() == {"Retry-After": "1"}
+    assert overloaded.to_json() == {"error": "overloaded", "message": "full"}
+
+
+def test_log_line_format(caplog: pytest.LogCaptureFixture) -> None:
+    logger = log.get_logger("srv:1", "server")
+    logging.getLogger("imgclass.server").propagate = True
+    token = log.request_id.set("rid42")
+    try:
+        with caplog.at_level(logging.INFO, logger="imgclass.server"):
+            logger.info("predict", status=200, message="two words")
+    finally:
+        log.request_id.reset(token)
+        logging.getLogger("imgclass.server").propagate = False
+    line = caplog.records[-1].getMessage()
+    stamp, server, script, action, rest = line.split(" ", 4)
+    assert stamp.endswith("Z") and (server, script, action) == ("srv:1", "server", "predict")
+    assert rest == 'request_id=rid42 status=200 message="two words"'
