@@ -21,7 +21,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +30,6 @@ from imgclass import loadgen  # noqa: E402
 from imgclass.backends import BackendOptions, load_backend  # noqa: E402
 from imgclass.images import decode  # noqa: E402
 from imgclass.process import Child  # noqa: E402
-from imgclass.stats import percentile  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -50,9 +48,13 @@ def photo_224_jpeg(path: Path) -> bytes:
 def multipart(data: bytes) -> tuple[bytes, str]:
     boundary = "benchboundary7d93"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -125,7 +127,10 @@ def main() -> int:
 
     print(f"# bench/server.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={threads}  224px JPEG of {len(jpeg)} bytes")
     eng = engine_figures(model_dir, jpeg, threads, 400)
-    child = Child(["serve", "--port", "0", *args.serve_args], env={"IMGCLASS_MODEL_DIR": model_dir, "IMGCLASS_LOG_LEVEL": "WARNING"})
+    child = Child(
+        ["serve", "--port", "0", *args.serve_args],
+        env={"IMGCLASS_MODEL_DIR": model_dir, "IMGCLASS_LOG_LEVEL": "WARNING"},
+    )
     try:
         url = child.wait_url() + "/predict"
         target = loadgen.Target(url, body, ctype)
@@ -144,18 +149,30 @@ def main() -> int:
 
     ratio = eng["cpu_ms"] / server_cpu_ms
     print(f"{'':34}{'engine (no HTTP)':>18}{'server (HTTP)':>16}{'ratio':>8}")
-    print(f"{'CPU ms per image':34}{eng['cpu_ms']:>18.3f}{server_cpu_ms:>16.3f}{ratio:>8.2f}   target >= 0.80: {'PASS' if ratio >= 0.8 else 'FAIL'}")
-    print(f"{'  engine + JPEG decode':34}{eng['cpu_ms'] + eng['decode_cpu_ms']:>18.3f}{'':>16}{(eng['cpu_ms'] + eng['decode_cpu_ms']) / server_cpu_ms:>8.2f}")
+    print(
+        f"{'CPU ms per image':34}{eng['cpu_ms']:>18.3f}{server_cpu_ms:>16.3f}{ratio:>8.2f}   target >= 0.80: {'PASS' if ratio >= 0.8 else 'FAIL'}"
+    )
+    print(
+        f"{'  engine + JPEG decode':34}{eng['cpu_ms'] + eng['decode_cpu_ms']:>18.3f}{'':>16}{(eng['cpu_ms'] + eng['decode_cpu_ms']) / server_cpu_ms:>8.2f}"
+    )
     print(f"{'images/s, 1 thread':34}{eng['ips_1thread']:>18.1f}")
-    print(f"{f'images/s, {threads} threads / saturation':34}{eng['ips_all']:>18.1f}{sat_ips:>16.1f}{sat_ips / eng['ips_all']:>8.2f}")
-    print(f"{'single image ms (p50)':34}{eng['single_ms_p50']:>18.3f}{light_server_p50:>16.3f}{light_server_p50 / eng['single_ms_p50']:>8.2f}"
-          f"   server-side p50 at light load <= 2x engine: {'PASS' if light_server_p50 <= 2 * eng['single_ms_p50'] else 'FAIL'}")
+    print(
+        f"{f'images/s, {threads} threads / saturation':34}{eng['ips_all']:>18.1f}{sat_ips:>16.1f}{sat_ips / eng['ips_all']:>8.2f}"
+    )
+    print(
+        f"{'single image ms (p50)':34}{eng['single_ms_p50']:>18.3f}{light_server_p50:>16.3f}{light_server_p50 / eng['single_ms_p50']:>8.2f}"
+        f"   server-side p50 at light load <= 2x engine: {'PASS' if light_server_p50 <= 2 * eng['single_ms_p50'] else 'FAIL'}"
+    )
     print(f"client RTT p50 at light load: {light_rtt_p50:.3f} ms")
     lat = summary.latency
-    print(f"half load ({half:.0f} req/s offered, {summary.achieved_rate:.0f} achieved, open loop, Poisson): "
-          f"p50 {lat.p50:.2f} ms  p99 {lat.p99:.2f} ms  errors {sum(summary.errors.values())}  dropped {summary.dropped}")
-    print(f"saturation: closed loop, {args.concurrency} clients, {args.seconds:.0f} s, {ok} images, "
-          f"{sum(1 for s in records.status if s != 200)} non-200")
+    print(
+        f"half load ({half:.0f} req/s offered, {summary.achieved_rate:.0f} achieved, open loop, Poisson): "
+        f"p50 {lat.p50:.2f} ms  p99 {lat.p99:.2f} ms  errors {sum(summary.errors.values())}  dropped {summary.dropped}"
+    )
+    print(
+        f"saturation: closed loop, {args.concurrency} clients, {args.seconds:.0f} s, {ok} images, "
+        f"{sum(1 for s in records.status if s != 200)} non-200"
+    )
     return 0
 
 

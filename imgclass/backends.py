@@ -83,7 +83,9 @@ class LiteRTBackend(Backend):
             interpreter = self._interpreter_class(model_path=self.model_path, num_threads=1)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{self.model_path} cannot be loaded by LiteRT ({exc}); re-download it with ./install_script.sh.") from exc
+            raise ModelFileError(
+                f"{self.model_path} cannot be loaded by LiteRT ({exc}); re-download it with ./install_script.sh."
+            ) from exc
         inp = interpreter.get_input_details()[0]["index"]
         out = interpreter.get_output_details()[0]["index"]
         scale = interpreter.get_output_details()[0]["quantization"][0] or 1 / 256
@@ -113,7 +115,9 @@ class KerasBackend(Backend):
         try:
             import tensorflow as tf
         except ImportError as exc:
-            raise ConfigError("the keras backend needs TensorFlow; install the extra: pip install '.[tensorflow]'") from exc
+            raise ConfigError(
+                "the keras backend needs TensorFlow; install the extra: pip install '.[tensorflow]'"
+            ) from exc
         weights = options.weights
         if weights == "random":
             tf.keras.utils.set_random_seed(options.seed or 0)
@@ -123,7 +127,9 @@ class KerasBackend(Backend):
         elif os.path.isfile(weights):
             keras_weights = weights
         else:
-            raise ConfigError(f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing file; fix the path.")
+            raise ConfigError(
+                f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing file; fix the path."
+            )
         try:
             model = tf.keras.applications.MobileNetV2(weights=keras_weights)
         except Exception as exc:  # Keras raises bare Exception subclasses for download/load failures
@@ -188,4 +194,4 @@ def load_backend(name: str, options: BackendOptions) -> Backend:
     return cls(options)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "Engine", "LABELS_FILE", "load_backend"]
+__all__ = ["BACKENDS", "LABELS_FILE", "Backend", "BackendOptions", "Engine", "load_backend"]

@@ -80,5 +80,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgclass: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     return run(argv[0], argv[1:])
-
-

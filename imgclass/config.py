@@ -140,14 +140,18 @@ OPTIONS: dict[str, Option] = {
         # model server
         Option("backend", choice(*BACKENDS), "litert", "inference backend: litert, keras or sleep"),
         Option("model_dir", str, "models", "folder holding the .tflite model and imagenet_labels.txt"),
-        Option("weights", str, "imagenet", "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path"),
+        Option(
+            "weights", str, "imagenet", "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path"
+        ),
         Option("threads", non_negative_int, 0, "inference worker threads (0 = one per CPU core)"),
         Option("max_batch", positive_int, 0, "largest dynamic batch (0 = 1 for litert/sleep, 8 for keras)"),
         Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms"),
         Option("max_queue", positive_int, 128, "requests waiting beyond the workers before 503"),
         Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB"),
         Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)"),
-        Option("service_time", service_time, "exp:20ms", "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5"),
+        Option(
+            "service_time", service_time, "exp:20ms", "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5"
+        ),
         Option("seed", int, None, "seed for the random choices (service times, dispatch)"),
         # balancer
         Option("backends", url_list, None, "comma-separated model server URLs"),

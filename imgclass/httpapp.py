@@ -80,7 +80,6 @@ async def healthz(request: web.Request) -> web.Response:
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind before building the app, so that port 0 resolves to a real port the name can carry."""
 
-
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, socktype, proto, _, addr = infos[0]
     sock = socket.socket(family, socktype, proto)

@@ -64,8 +64,12 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError:
         other = _sniff_other_format(data)
         if other:
-            raise UnsupportedFormat(f"{other} images are not supported; send JPEG, PNG, GIF, BMP, WebP or TIFF.") from None
-        raise NotAnImage("The upload is not an image we can recognise; send a JPEG, PNG, GIF, BMP or WebP file.") from None
+            raise UnsupportedFormat(
+                f"{other} images are not supported; send JPEG, PNG, GIF, BMP, WebP or TIFF."
+            ) from None
+        raise NotAnImage(
+            "The upload is not an image we can recognise; send a JPEG, PNG, GIF, BMP or WebP file."
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooManyPixels(f"The image has more than {max_pixels} pixels; send a smaller image.") from None
     except (OSError, ValueError, SyntaxError) as exc:

@@ -194,13 +194,9 @@ async def closed_loop(
     return records, elapsed
 
 
-def run(
-    target: Target, spec: LoadSpec, progress: bool = False, label: str = "load"
-) -> tuple[Records, RunSummary]:
+def run(target: Target, spec: LoadSpec, progress: bool = False, label: str = "load") -> tuple[Records, RunSummary]:
     records = asyncio.run(open_loop(target, spec, progress, label))
     end = spec.duration if spec.duration is not None else (max(records.intended) if len(records) else 0.0)
     if spec.duration is None:
         end = math.nextafter(end, math.inf)
     return records, summarize(records, spec.rate, spec.warmup, end)
-
-

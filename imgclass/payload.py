@@ -32,7 +32,7 @@ def image_from_json(body: bytes) -> bytes:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise BadJSON("The body is not valid JSON; send {\"image\": \"<base64>\"}.") from None
+        raise BadJSON('The body is not valid JSON; send {"image": "<base64>"}.') from None
     if not isinstance(doc, dict) or FIELD not in doc:
         raise MissingField('The JSON body has no "image" field; send {"image": "<base64>"}.')
     data = decode_base64(doc[FIELD])
@@ -53,13 +53,13 @@ async def read_image(request: web.Request, limit: int) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
     if not body:
-        raise EmptyBody("The request body is empty; send multipart field 'image' or JSON {\"image\": \"<base64>\"}.")
+        raise EmptyBody('The request body is empty; send multipart field \'image\' or JSON {"image": "<base64>"}.')
     if ctype == "application/json":
         return image_from_json(body)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return body
     raise MissingField(
-        f"Unsupported Content-Type {ctype or 'none'!r}; send multipart field 'image' or JSON {{\"image\": \"<base64>\"}}."
+        f'Unsupported Content-Type {ctype or "none"!r}; send multipart field \'image\' or JSON {{"image": "<base64>"}}.'
     )
 
 

@@ -113,12 +113,12 @@ class ModelServer:
             max_queue=settings.max_queue,
             on_batch=self.batch_sizes.observe,
         )
-        Gauge(
-            "imgclass_server_queue_depth", "Requests waiting for a worker", registry=self.registry
-        ).set_function(lambda: self.batcher.depth)
-        Gauge(
-            "imgclass_server_busy_workers", "Worker threads running a batch", registry=self.registry
-        ).set_function(lambda: self.batcher.busy)
+        Gauge("imgclass_server_queue_depth", "Requests waiting for a worker", registry=self.registry).set_function(
+            lambda: self.batcher.depth
+        )
+        Gauge("imgclass_server_busy_workers", "Worker threads running a batch", registry=self.registry).set_function(
+            lambda: self.batcher.busy
+        )
         self.ready = False
 
     def describe(self) -> dict[str, object]:

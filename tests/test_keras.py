@@ -16,7 +16,9 @@ from .conftest import http, post_image
 pytestmark = [pytest.mark.integration, pytest.mark.keras]
 
 if importlib.util.find_spec("tensorflow") is None:
-    pytest.skip("TensorFlow is not installed: run ./install_script.sh --dev (the tensorflow extra)", allow_module_level=True)
+    pytest.skip(
+        "TensorFlow is not installed: run ./install_script.sh --dev (the tensorflow extra)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import CAT_CLASSES, PHOTOS, http, multipart, post_image, post_json
+from .conftest import PHOTOS, http, multipart, post_image, post_json
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_photo_top1_multipart_and_json(litert_server: str, images_dir: Path, pho
 
 
 def test_response_shape(litert_server: str, images_dir: Path) -> None:
-    status, headers, doc = post_image(litert_server + "/predict?top=3", (images_dir / "cat_720p.jpg").read_bytes())
+    status, _headers, doc = post_image(litert_server + "/predict?top=3", (images_dir / "cat_720p.jpg").read_bytes())
     assert status == 200
     top = doc["predictions"][0]
     assert top["label"] == "Egyptian cat" and 0.6 < top["score"] < 0.95
@@ -50,7 +50,9 @@ def test_response_shape(litert_server: str, images_dir: Path) -> None:
 
 def test_request_id_is_echoed(litert_server: str, images_dir: Path) -> None:
     body, ctype = multipart({"image": ("c.bmp", (images_dir / "cat.bmp").read_bytes(), "image/bmp")})
-    status, headers, _ = http("POST", litert_server + "/predict", body, {"Content-Type": ctype, "X-Request-ID": "abc123"})
+    status, headers, _ = http(
+        "POST", litert_server + "/predict", body, {"Content-Type": ctype, "X-Request-ID": "abc123"}
+    )
     assert status == 200 and headers["X-Request-ID"] == "abc123"
 
 

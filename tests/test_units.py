@@ -27,7 +27,7 @@ def test_env_fallback_and_flag_precedence() -> None:
 
 
 def test_invalid_env_names_the_variable() -> None:
-    with pytest.raises(errors.ConfigError, match="IMGCLASS_PORT='x'.*Fix or unset"):
+    with pytest.raises(errors.ConfigError, match=r"IMGCLASS_PORT='x'.*Fix or unset"):
         _parse([], ["port"], {"IMGCLASS_PORT": "x"})
 
 
