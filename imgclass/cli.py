@@ -19,6 +19,22 @@ def _serve(argv: Sequence[str]) -> int:
     return 0
 
 
+def _balance(argv: Sequence[str]) -> int:
+    from . import balancer
+
+    parser = config.make_parser("imgclass balance", "Run the load balancer in front of model servers.")
+    balancer.add_arguments(parser)
+    settings = balancer.BalancerSettings.from_namespace(parser.parse_args(argv))
+    balancer.serve(settings)
+    return 0
+
+
+def _up(argv: Sequence[str]) -> int:
+    from . import cluster
+
+    return cluster.up(argv)
+
+
 def _fetch_model(argv: Sequence[str]) -> int:
     import os
 
@@ -38,6 +54,8 @@ def _fetch_model(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "serve": ("run one model server (POST /predict)", _serve),
+    "balance": ("run the load balancer (POST /submit, the web page)", _balance),
+    "up": ("start N model servers and a balancer on this machine", _up),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),
 }
 
