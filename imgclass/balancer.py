@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hmac
 import json
 import re
 import time
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlencode
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -34,23 +33,22 @@ from .httpapp import (
     json_response,
     make_middleware,
     metrics_handler,
+    run_async,
     run_until_signalled,
     socket_url,
 )
 from .payload import too_large
 from .policies import POLICIES, make_policies
 from .pool import BackendState, HealthSettings, Pool
+from .upstream import HostPool, ReadTimeout, Response, UpstreamFailure
 
 BALANCER_OPTIONS = [
     "host", "port", "name", "log_level", "backends", "backends_file", "policy", "health_interval", "fall",
     "rise", "eject_seconds", "timeout", "connect_timeout", "admin_token", "max_upload_mb", "seed",
 ]  # fmt: skip
 
-# Upstream failures where the model server cannot have answered: safe to retry on another backend.
-# Classification is idempotent, so an empty response (HAProxy's retry-on empty-response) counts too.
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 _FORM_FIELD = re.compile(rb'name="(number_backend_servers|policy)"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{0,64})\r\n')
-_HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
+_HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ class Balancer:
             logger,
         )
         self.policies = make_policies(settings.seed)
-        self.session: aiohttp.ClientSession | None = None
+        self.upstreams: dict[str, HostPool] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imgclass_balancer_requests", "Forwarded requests by backend and status", ["backend", "status"],
@@ -121,6 +119,7 @@ class Balancer:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
             registry=self.registry,
         )  # fmt: skip
+        self._counters: dict[tuple[str, int | str], Counter] = {}
         self.retries = Counter(
             "imgclass_balancer_retries", "Requests retried on another backend", registry=self.registry
         )
@@ -129,21 +128,19 @@ class Balancer:
         )
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self.settings.connect_timeout, sock_read=self.settings.timeout
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
         await self.pool.start()
 
     async def stop(self) -> None:
         await self.pool.stop()
-        if self.session is not None:
-            await self.session.close()
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+    def count(self, url: str, status: int | str) -> None:
+        """requests{backend,status} += 1, with the labelled child cached off the hot path."""
+        child = self._counters.get((url, status))
+        if child is None:
+            child = self._counters[(url, status)] = self.requests.labels(url, str(status))
+        child.inc()
 
     def choose(self, policy: str, first_k: int | None, exclude: BackendState | None = None) -> BackendState:
         candidates = self.pool.candidates(first_k, exclude)
@@ -154,16 +151,18 @@ class Balancer:
         return self.policies[policy].choose(candidates)  # type: ignore[return-value]
 
     async def forward(
-        self, backend: BackendState, body: bytes, headers: dict[str, str], query: str
-    ) -> tuple[int, bytes, dict[str, str], float]:
-        """POST the raw body to backend /predict; returns status, body, headers, upstream ms."""
-        assert self.session is not None
+        self, backend: BackendState, body: bytes, headers: list[tuple[str, str]], path: bytes
+    ) -> tuple[Response, float]:
+        """POST the raw body to the backend's /predict; returns its response and the upstream ms."""
+        upstream = self.upstreams.get(backend.url)
+        if upstream is None:
+            upstream = HostPool(backend.url, self.settings.connect_timeout, self.settings.timeout)
+            self.upstreams[backend.url] = upstream
         backend.in_flight += 1
         start = time.perf_counter()
         try:
-            async with self.session.post(backend.url + "/predict" + query, data=body, headers=headers) as response:
-                payload = await response.read()
-                return response.status, payload, dict(response.headers), (time.perf_counter() - start) * 1000
+            response = await upstream.request(path, headers, body)
+            return response, (time.perf_counter() - start) * 1000
         finally:
             backend.in_flight -= 1
 
@@ -174,7 +173,8 @@ BALANCER_KEY = web.AppKey("balancer", Balancer)
 def _request_options(request: web.Request, body: bytes) -> tuple[str, int | None]:
     """policy and number_backend_servers, from the query or a multipart form field (found without parsing)."""
     values = {k: request.query[k] for k in ("policy", "number_backend_servers") if k in request.query}
-    if len(values) < 2 and request.content_type == "multipart/form-data" and b'name="' in body:
+    # A C-speed substring test first: the regex runs only when such a field is really there.
+    if len(values) < 2 and (b'name="number_backend_servers"' in body or b'name="policy"' in body):
         for name, value in _FORM_FIELD.findall(body):
             values.setdefault(name.decode(), value.decode("latin-1").strip())
     balancer = request.app[BALANCER_KEY]
@@ -203,51 +203,72 @@ async def submit(request: web.Request) -> web.Response:
     policy, first_k = _request_options(request, body)
     # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
     passthrough = [(k, v) for k, v in request.query.items() if k not in ("policy", "number_backend_servers")]
-    query = "?" + "&".join(f"{k}={v}" for k, v in passthrough) if passthrough else ""
-    headers = {"Content-Type": request.headers.get("Content-Type", "application/octet-stream")}
-    headers[log.REQUEST_ID_HEADER] = log.request_id.get()
-
+    path = b"/predict" + (("?" + urlencode(passthrough)).encode() if passthrough else b"")
+    headers = [
+        ("Content-Type", request.headers.get("Content-Type", "application/octet-stream")),
+        (log.REQUEST_ID_HEADER, log.request_id.get()),
+    ]
     backend = balancer.choose(policy, first_k)
     try:
-        status, payload, up_headers, upstream_ms = await balancer.forward(backend, body, headers, query)
-    except RETRYABLE as exc:
-        balancer.pool.record_failure(backend, type(exc).__name__, connection=True)
-        balancer.requests.labels(backend.url, "error").inc()
+        response, upstream_ms = await balancer.forward(backend, body, headers, path)
+    except UpstreamFailure as exc:
+        # Nothing came back, so the backend cannot have answered; classification is idempotent,
+        # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
+        balancer.pool.record_failure(backend, exc.reason, connection=True)
+        balancer.count(backend.url, "error")
         balancer.retries.inc()
         failed = backend
         backend = balancer.choose(policy, first_k, exclude=failed)
-        balancer.logger.warning("retry", failed=failed.url, reason=type(exc).__name__, to=backend.url)
+        balancer.logger.warning("retry", failed=failed.url, reason=exc.reason, to=backend.url)
         try:
-            status, payload, up_headers, upstream_ms = await balancer.forward(backend, body, headers, query)
-        except RETRYABLE as exc2:
-            balancer.pool.record_failure(backend, type(exc2).__name__, connection=True)
-            balancer.requests.labels(backend.url, "error").inc()
-            raise UpstreamError(f"Two model servers failed to answer ({type(exc2).__name__}); retry shortly.") from None
-        except asyncio.TimeoutError:
-            balancer.pool.record_failure(backend, "timeout", connection=False)
-            raise UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.") from None
-    except asyncio.TimeoutError:
-        balancer.pool.record_failure(backend, "timeout", connection=False)
-        balancer.requests.labels(backend.url, "timeout").inc()
-        raise UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.") from None
+            response, upstream_ms = await balancer.forward(backend, body, headers, path)
+        except UpstreamFailure as exc2:
+            balancer.pool.record_failure(backend, exc2.reason, connection=True)
+            balancer.count(backend.url, "error")
+            raise UpstreamError(f"Two model servers failed to answer ({exc2.reason}); retry shortly.") from None
+        except ReadTimeout:
+            raise _timed_out(balancer, backend) from None
+    except ReadTimeout:
+        raise _timed_out(balancer, backend) from None
 
-    balancer.requests.labels(backend.url, str(status)).inc()
+    status = response.status
+    balancer.count(backend.url, status)
     if status >= 500:
         balancer.pool.record_failure(backend, f"http_{status}", connection=False)
     else:
         balancer.pool.record_success(backend, upstream_ms)
-    out_headers = {k: v for k, v in up_headers.items() if k.lower() not in _HOP_BY_HOP}
-    out_headers["X-Backend"] = backend.url
+    out_headers = [
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers if k.lower() not in _HOP_BY_HOP
+    ]
+    out_headers.append(("X-Backend", backend.url))
+    payload = response.body
     if status == 200:
-        doc = json.loads(payload)
-        doc["backend"] = backend.url
-        total_ms = (time.perf_counter() - start) * 1000
-        timing = doc.setdefault("timing_ms", {})
-        timing["upstream"] = round(upstream_ms, 3)
-        timing["balancer"] = round(total_ms - upstream_ms, 3)
-        payload = json.dumps(doc, separators=(",", ":")).encode()
+        payload = _annotate(payload, backend.url, upstream_ms, (time.perf_counter() - start) * 1000)
     balancer.latency.observe(time.perf_counter() - start)
     return web.Response(body=payload, status=status, headers=out_headers)
+
+
+def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:
+    balancer.pool.record_failure(backend, "timeout", connection=False)
+    balancer.count(backend.url, "timeout")
+    return UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.")
+
+
+def _annotate(payload: bytes, backend_url: str, upstream_ms: float, total_ms: float) -> bytes:
+    """Add backend and timing_ms.{upstream,balancer} to the server's JSON answer."""
+    extra = f'"upstream":{upstream_ms:.3f},"balancer":{total_ms - upstream_ms:.3f},'.encode()
+    at = payload.find(b'"timing_ms":{')
+    # Our model server's answer is compact JSON ending in '}': splice instead of a parse and re-encode.
+    if at >= 0 and payload.endswith(b"}") and payload[at + 13 : at + 14] == b'"':
+        cut = at + 13
+        backend = json.dumps(backend_url).encode()
+        return payload[:cut] + extra + payload[cut:-1] + b',"backend":' + backend + b"}"
+    doc = json.loads(payload)
+    doc["backend"] = backend_url
+    timing = doc.setdefault("timing_ms", {})
+    timing["upstream"] = round(upstream_ms, 3)
+    timing["balancer"] = round(total_ms - upstream_ms, 3)
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _require_admin(request: web.Request) -> None:
@@ -346,7 +367,7 @@ def serve(settings: BalancerSettings) -> None:
     name = settings.name or socket_url(sock).removeprefix("http://")
     logger = log.get_logger(name, "balancer", settings.log_level)
     app = create_app(settings, name)
-    asyncio.run(run_until_signalled(app, sock, logger))
+    run_async(run_until_signalled(app, sock, logger))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

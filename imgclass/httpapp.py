@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -13,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from . import log
 from .errors import ImgclassError
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOGGER_KEY = web.AppKey("logger", log.EventLogger)
@@ -103,13 +107,19 @@ def socket_url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed: it roughly halves the event loop's CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 async def run_until_signalled(
     app: web.Application, sock: socket.socket, logger: log.EventLogger, shutdown_timeout: float = 30.0
 ) -> None:
     """Serve on `sock` until SIGINT/SIGTERM, then drain in-flight requests and clean up."""
-    import asyncio
-    import signal
-
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.SockSite(runner, sock)

@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -43,6 +44,15 @@ class Target:
     body: bytes
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    # When set, each request goes to one of these, uniformly at random (client-side balancing).
+    spread: tuple[str, ...] = ()
+
+    def picker(self, seed: int | None) -> Callable[[], str]:
+        if not self.spread:
+            return lambda: self.url
+        rng = random.Random(None if seed is None else seed + 1)
+        urls = self.spread
+        return lambda: urls[rng.randrange(len(urls))]
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ async def open_loop(target: Target, spec: LoadSpec, progress: bool = False, labe
     completed = 0
     pending: set[asyncio.Task[None]] = set()
     bar = Progress(len(offsets), label, progress)
+    pick = target.picker(spec.seed)
 
     async with make_session(spec.max_in_flight, spec.timeout) as session:
         start = loop.time()
@@ -131,7 +142,7 @@ async def open_loop(target: Target, spec: LoadSpec, progress: bool = False, labe
             sent = loop.time() - start
             status, backend, error = 0, "", ""
             try:
-                async with session.post(target.url, data=target.body, headers=headers) as response:
+                async with session.post(pick(), data=target.body, headers=headers) as response:
                     await response.read()
                     status, backend = response.status, _backend_of(response)
                     if status != 200:

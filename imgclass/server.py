@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import os
 import time
@@ -24,6 +23,7 @@ from .httpapp import (
     json_response,
     make_middleware,
     metrics_handler,
+    run_async,
     run_until_signalled,
     socket_url,
 )
@@ -230,7 +230,7 @@ def serve(settings: ServerSettings) -> None:
     logger = log.get_logger(name, "server", settings.log_level)
     logger.info("loading", backend=settings.backend, model_dir=os.path.abspath(settings.model_dir))
     app = create_app(settings, name)
-    asyncio.run(run_until_signalled(app, sock, logger))
+    run_async(run_until_signalled(app, sock, logger))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,9 +18,7 @@ README = (ROOT / "README.md").read_text()
 def test_config_table_matches_options() -> None:
     rows = re.findall(r"^\| `(--[a-z-]+)` \| `(IMGCLASS_[A-Z_]+)` \| (.+?) \| (.+?) \|$", README, re.M)
     documented = {flag: (env, default) for flag, env, default, _ in rows}
-    expected = {
-        o.flag: (o.env, "(none)" if o.default is None else f"`{o.default}`") for o in OPTIONS.values()
-    }
+    expected = {o.flag: (o.env, "(none)" if o.default is None else f"`{o.default}`") for o in OPTIONS.values()}
     assert documented == expected
 
 

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Our balancer against nginx (`random; keepalive 64`) on the same sleep backends, from one run.
+
+    IMGCLASS_MODEL_DIR=../shared/models .venv/bin/python bench/balancer.py [--seconds 10]
+
+Prints CPU ms per forwarded request for each proxy (from /proc), their ratio, throughput at
+saturation (wrk if installed, else our closed-loop client), and the p50/p99 latency each proxy
+adds at half load compared with calling the backends directly (open-loop Poisson; "direct" picks
+a backend at random per request on the client, so every backend carries the same load as behind
+a proxy; saturation "direct" is one backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imgclass import loadgen  # noqa: E402
+from imgclass.process import Child, stop_all  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def upload(images: Path) -> tuple[bytes, str]:
+    """A ~30 KB JPEG in a multipart body, the size the issue's nginx note is about."""
+    buf = io.BytesIO()
+    Image.open(images / "parrot.jpg").convert("RGB").resize((224, 224)).save(buf, "JPEG", quality=97)
+    boundary = "benchboundary7d93"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + buf.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def find_nginx() -> str | None:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found or not shutil.which("apt-get") or os.geteuid() != 0:
+        return found
+    print("# nginx not found: apt-get install nginx-light ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], env=env, capture_output=True, timeout=600)
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+{user}
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_body_buffer_size 128k;
+    client_max_body_size 25m;
+    upstream imgclass {{
+        random;
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /submit {{
+            proxy_pass http://imgclass/predict;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(binary: str, backends: list[str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port, user=user))
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx failed: {proc.stderr.read().decode() if proc.stderr else ''}") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("nginx did not start listening")
+
+
+def nginx_pids(master: int) -> list[int]:
+    kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [master, *map(int, kids)]
+
+
+def saturate(url: str, body: bytes, ctype: str, seconds: float, tmp: Path) -> tuple[float, int]:
+    """Requests/s at saturation and how many were sent; wrk when present (it costs least CPU)."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        (tmp / "body.bin").write_bytes(body)
+        script = tmp / "post.lua"
+        script.write_text(
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{ctype}"\n'
+            f'local f = io.open("{tmp}/body.bin", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
+        )
+        out = subprocess.run([wrk, "-t1", "-c32", f"-d{seconds:.0f}s", "-s", str(script), url],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout  # fmt: skip
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        if non2xx:
+            print(f"# warning: {non2xx.group(1)} non-2xx responses from {url}")
+        return rate, total
+    records, elapsed = asyncio.run(loadgen.closed_loop(loadgen.Target(url, body, ctype), 32, seconds))
+    ok = sum(1 for s in records.status if s == 200)
+    return ok / elapsed, len(records)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--backends", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved half-load rounds per target")
+    parser.add_argument("--service-time", default="const:2ms")
+    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images"))
+    args = parser.parse_args()
+    env = {"IMGCLASS_LOG_LEVEL": "WARNING"}
+    body, ctype = upload(Path(args.images))
+    print(f"# bench/balancer.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  "
+          f"{args.backends} sleep backends ({args.service_time}, 16 threads each), upload {len(body)} bytes")  # fmt: skip
+    nginx_bin = find_nginx()
+    children: list[Child] = []
+    nginx_proc = None
+    try:
+        children = [Child(["serve", "--port", "0", "--backend", "sleep", "--service-time", args.service_time,
+                           "--threads", "16", "--max-queue", "4096"], env=env) for _ in range(args.backends)]  # fmt: skip
+        backends = [c.wait_url() for c in children]
+        ours = Child(["balance", "--port", "0", "--backends", ",".join(backends), "--seed", "1"], env=env)
+        children.append(ours)
+        ours_url = ours.wait_url() + "/submit"
+        targets: dict[str, tuple[str, list[int]]] = {"direct": (backends[0] + "/predict", [])}
+        # direct = the client picks a backend at random itself: same load per backend, one hop fewer
+        spread = tuple(b + "/predict" for b in backends)
+        targets["imgclass"] = (ours_url, [ours.pid])
+        tmp = Path(tempfile.mkdtemp(prefix="imgclass-bench-"))
+        if nginx_bin:
+            nginx_proc, nginx_url = start_nginx(nginx_bin, backends, tmp)
+            targets["nginx"] = (nginx_url + "/submit", nginx_pids(nginx_proc.pid))
+        else:
+            print("# SKIP nginx: not installed and could not be installed; only our balancer is measured")
+
+        sat: dict[str, tuple[float, float]] = {}
+        for name, (url, pids) in targets.items():
+            saturate(url, body, ctype, 2, tmp)  # warm the connection pools
+            c0 = cpu_seconds(pids) if pids else 0.0
+            rate, total = saturate(url, body, ctype, args.seconds, tmp)
+            cpu_ms = (cpu_seconds(pids) - c0) / total * 1000 if pids else float("nan")
+            sat[name] = (rate, cpu_ms)
+        half = sat["imgclass"][0] / 2
+        # Interleave the targets over several rounds and take medians: the machine drifts.
+        rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+        for r in range(args.rounds):
+            for name, (url, pids) in targets.items():
+                c0 = cpu_seconds(pids) if pids else 0.0
+                spec = loadgen.LoadSpec(rate=half, duration=args.seconds, warmup=1.0, seed=3 + r)
+                target = loadgen.Target(url, body, ctype, spread=spread if name == "direct" else ())
+                records, summary = loadgen.run(target, spec)
+                cpu_ms = (cpu_seconds(pids) - c0) / max(len(records), 1) * 1000 if pids else float("nan")
+                if summary.errors or summary.dropped:
+                    print(f"# warning: {name}: errors {summary.errors} dropped {summary.dropped}")
+                rounds[name].append((summary.latency.p50, summary.latency.p99, cpu_ms))
+            print(f"# round {r + 1}/{args.rounds}: " + "  ".join(
+                f"{n} p50 {v[-1][0]:.2f} p99 {v[-1][1]:.2f}" for n, v in rounds.items()), flush=True)  # fmt: skip
+        lat = {name: tuple(statistics.median(x[i] for x in v) for i in range(3)) for name, v in rounds.items()}
+        added = {
+            k: (
+                statistics.median(a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)),
+                statistics.median(a[1] - d[1] for a, d in zip(rounds[k], rounds["direct"], strict=True)),
+            )
+            for k in rounds
+            if k != "direct"
+        }
+    finally:
+        if nginx_proc is not None:
+            nginx_proc.terminate()
+            nginx_proc.wait(10)
+        stop_all(children)
+
+    print(f"\n{'':38}{'direct':>10}{'imgclass':>10}{'nginx':>10}{'ratio':>8}")
+
+    def row(label: str, values: dict[str, float], fmt: str, ratio: bool = True) -> None:
+        cells = "".join(
+            f"{values[k]:>10{fmt}}" if k in values else f"{'-':>10}" for k in ("direct", "imgclass", "nginx")
+        )
+        r = values["imgclass"] / values["nginx"] if ratio and "nginx" in values and values["nginx"] else float("nan")
+        print(f"{label:38}{cells}{r:>8.2f}")
+
+    row("CPU ms/request at half load", {k: v[2] for k, v in lat.items() if k != "direct"}, ".3f")
+    row("CPU ms/request at saturation", {k: v[1] for k, v in sat.items() if k != "direct"}, ".3f")
+    row("throughput at saturation (req/s)", {k: v[0] for k, v in sat.items()}, ".0f")
+    row(f"p50 ms at half load ({half:.0f} req/s), median", {k: v[0] for k, v in lat.items()}, ".3f")
+    row("p99 ms at half load, median", {k: v[1] for k, v in lat.items()}, ".3f")
+    row("added p50 ms vs direct, median of rounds", {k: v[0] for k, v in added.items()}, ".3f", ratio=False)
+    row("added p99 ms vs direct, median of rounds", {k: v[1] for k, v in added.items()}, ".3f", ratio=False)
+    if "nginx" in lat:
+        cpu_ratio = lat["imgclass"][2] / lat["nginx"][2]
+        print(f"\ntarget: our CPU/request <= 4 x nginx's at half load: {cpu_ratio:.2f} x -> "
+              f"{'PASS' if cpu_ratio <= 4 else 'FAIL'}")  # fmt: skip
+    print(f"target: our added p50 <= 1 ms at half load: {added['imgclass'][0]:.3f} ms -> "
+          f"{'PASS' if added['imgclass'][0] <= 1 else 'FAIL'}")  # fmt: skip
+    print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
+          f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} interleaved rounds")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
