@@ -331,7 +331,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> web.Appli
     limit = int(settings.max_upload_mb * 1_000_000)
 
     def on_done(request: web.Request, status: int, seconds: float) -> None:
-        if request.path == "/submit":
+        if request.path in ("/submit", "/predict"):
             logger.info("submit", status=status, ms=f"{seconds * 1000:.2f}")
 
     # the body limit leaves room for the multipart envelope around a max-size image
@@ -343,6 +343,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> web.Appli
     app[PAGE_KEY] = load_page()
     app.router.add_get("/", index)
     app.router.add_post("/submit", submit)
+    app.router.add_post("/predict", submit)  # so the model server's curl line works on the balancer too
     app.router.add_get("/backends", list_backends)
     app.router.add_post("/backends", add_backend)
     app.router.add_delete("/backends", remove_backend)

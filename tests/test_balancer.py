@@ -31,10 +31,16 @@ def small_jpeg(images_dir: Path) -> bytes:
     return buf.getvalue()
 
 
-def sleep_servers(spawn, n: int, service: str = "const:2ms", **kw: str) -> list[str]:
+def sleep_children(spawn, n: int, service: str = "const:2ms") -> list:
     children = [spawn("serve", "--port", "0", "--backend", "sleep", "--service-time", service, "--threads", "1",
-                      wait=False, **kw) for _ in range(n)]  # fmt: skip
-    return [c.wait_url() for c in children]
+                      wait=False) for _ in range(n)]  # fmt: skip
+    for child in children:
+        child.wait_url()
+    return children
+
+
+def sleep_servers(spawn, n: int, service: str = "const:2ms") -> list[str]:
+    return [c.url for c in sleep_children(spawn, n, service)]
 
 
 def balancer(spawn, backends: list[str], *extra: str, env: dict[str, str] | None = None) -> str:
@@ -53,12 +59,17 @@ def burst(url: str, data: bytes, n: int, workers: int, **fields: str) -> list[tu
 
 
 @pytest.fixture(scope="module")
-def three(spawn) -> tuple[str, list[str]]:
-    backends = sleep_servers(spawn, 3)
+def three_children(spawn) -> list:
+    return sleep_children(spawn, 3)
+
+
+@pytest.fixture(scope="module")
+def three(spawn, three_children) -> tuple[str, list[str]]:
+    backends = [c.url for c in three_children]
     return balancer(spawn, backends, "--health-interval", "0.5"), backends
 
 
-def test_submit_response_and_request_id(three, small_jpeg: bytes) -> None:
+def test_submit_response_and_request_id(three, three_children, small_jpeg: bytes) -> None:
     url, backends = three
     body, ctype = multipart({"image": ("x.jpg", small_jpeg, "image/jpeg")})
     status, headers, raw = http("POST", url + "/submit?top=2", body, {"Content-Type": ctype, "X-Request-ID": "req-77"})
@@ -69,6 +80,10 @@ def test_submit_response_and_request_id(three, small_jpeg: bytes) -> None:
     assert len(doc["predictions"]) == 2  # top= passed through
     assert {"balancer", "upstream", "infer", "total"} <= set(doc["timing_ms"])
     assert doc["timing_ms"]["upstream"] >= doc["timing_ms"]["total"]
+    # the same id is in the model server's own log line: one request, followed across processes
+    time.sleep(0.2)
+    served_by = next(c for c in three_children if c.url == doc["backend"])
+    assert any("server predict request_id=req-77 " in line for line in served_by.lines)
 
 
 def test_random_dispatch_is_uniform(three, small_jpeg: bytes) -> None:
