@@ -63,12 +63,12 @@ def engine_figures(model_dir: str, jpeg: bytes, threads: int, n: int) -> dict[st
     arr = decode(jpeg, 50_000_000)[None]
     engine = backend.engine(0)
     for _ in range(20):
-        engine(arr)
+        engine(arr, 0.0)
     walls = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         t = time.perf_counter()
-        engine(arr)
+        engine(arr, 0.0)
         walls.append(time.perf_counter() - t)
     cpu1, wall1 = time.process_time(), time.perf_counter()
     d0 = time.process_time()
@@ -81,7 +81,7 @@ def engine_figures(model_dir: str, jpeg: bytes, threads: int, n: int) -> dict[st
 
     def loop(e) -> None:
         for _ in range(per):
-            e(arr)
+            e(arr, 0.0)
 
     workers = [threading.Thread(target=loop, args=(e,)) for e in engines]
     t0 = time.perf_counter()

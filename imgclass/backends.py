@@ -18,8 +18,10 @@ from .servicetime import ServiceTime, parse_service_time
 NUM_CLASSES = 1000
 
 # One engine per worker thread: LiteRT interpreters must not be shared between threads.
-Engine = Callable[[np.ndarray], np.ndarray]
-"""(n, 224, 224, 3) uint8 RGB -> (n, 1000) float32 class probabilities, Keras index order."""
+Engine = Callable[[np.ndarray, float], np.ndarray]
+"""(batch, started) -> probabilities: batch is (n, 224, 224, 3) uint8 RGB, started the
+time.perf_counter() at which the worker took the batch (before decoding); the result is
+(n, 1000) float32 class probabilities in Keras index order."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class Backend(ABC):
         return 1 if self.multithreaded_engine else (os.cpu_count() or 1)
 
     def warm_up(self, engine: Engine, max_batch: int) -> None:
-        engine(np.zeros((1, 224, 224, 3), np.uint8))
+        engine(np.zeros((1, 224, 224, 3), np.uint8), time.perf_counter())
         if max_batch > 1:
-            engine(np.zeros((max_batch, 224, 224, 3), np.uint8))
+            engine(np.zeros((max_batch, 224, 224, 3), np.uint8), time.perf_counter())
 
 
 class LiteRTBackend(Backend):
@@ -90,7 +92,7 @@ class LiteRTBackend(Backend):
         out = interpreter.get_output_details()[0]["index"]
         scale = interpreter.get_output_details()[0]["quantization"][0] or 1 / 256
 
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: np.ndarray, started: float) -> np.ndarray:
             result = np.empty((len(batch), NUM_CLASSES), np.float32)
             for i, image in enumerate(batch):
                 interpreter.set_tensor(inp, image[None])
@@ -146,7 +148,7 @@ class KerasBackend(Backend):
         self._infer = infer
 
     def engine(self, worker: int) -> Engine:
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: np.ndarray, started: float) -> np.ndarray:
             return self._infer(batch).numpy().astype(np.float32)
 
         return run
@@ -174,10 +176,18 @@ class SleepBackend(Backend):
     def engine(self, worker: int) -> Engine:
         rng = random.Random(None if self._seed is None else self._seed * 1000 + worker)
         uniform = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, np.float32)
+        overshoot = 0.0  # how late time.sleep wakes, learned as we go, so the mean stays exact
 
-        def run(batch: np.ndarray) -> np.ndarray:
-            for _ in range(len(batch)):
-                time.sleep(self.distribution.sample(rng))
+        def run(batch: np.ndarray, started: float) -> np.ndarray:
+            nonlocal overshoot
+            # The whole time a worker holds the job is its service time: decoding counts towards it,
+            # so a queueing model with mean service S sees exactly S.
+            deadline = started + sum(self.distribution.sample(rng) for _ in range(len(batch)))
+            wait = deadline - time.perf_counter() - overshoot
+            if wait > 0:
+                time.sleep(wait)
+                late = time.perf_counter() - deadline
+                overshoot = min(0.002, max(0.0, overshoot + 0.2 * late))
             return np.tile(uniform, (len(batch), 1))
 
         return run

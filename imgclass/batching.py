@@ -45,7 +45,7 @@ def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def run_batch(engine: Engine, decode: Decoder, jobs: list[Job], picked: float) -> list[Result | ImgclassError]:
-    """Decode and classify `jobs` in the calling (worker) thread."""
+    """Decode and classify `jobs` in the calling (worker) thread; `picked` is when the worker took them."""
     out: list[Result | ImgclassError | None] = [None] * len(jobs)
     arrays: list[np.ndarray] = []
     slots: list[int] = []
@@ -60,7 +60,7 @@ def run_batch(engine: Engine, decode: Decoder, jobs: list[Job], picked: float) -
         decode_ms[i] = (time.perf_counter() - t0) * 1000
     if arrays:
         t0 = time.perf_counter()
-        probs = engine(np.stack(arrays))
+        probs = engine(np.stack(arrays), picked)
         infer_ms = (time.perf_counter() - t0) * 1000
         for row, i in enumerate(slots):
             job = jobs[i]

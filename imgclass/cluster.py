@@ -107,3 +107,11 @@ def up(argv: Sequence[str]) -> int:
     finally:
         cluster.stop()
     return 0
+
+
+def cluster_options(**overrides: object) -> argparse.Namespace:
+    """`imgclass up` options from the defaults table, for code that starts a LocalCluster itself."""
+    values = {name: config.resolved_default(name) for name in UP_OPTIONS}
+    values["port"] = 0
+    values.update(overrides)
+    return argparse.Namespace(**values)

@@ -180,6 +180,11 @@ def _env_default(option: Option, environ: dict[str, str] | os._Environ[str]) -> 
         raise ConfigError(f"{option.env}={raw!r} is invalid: {exc}. Fix or unset that variable.") from exc
 
 
+def resolved_default(name: str) -> Any:
+    """The option's value when no flag is given: its IMGCLASS_* variable, else the table's default."""
+    return _env_default(OPTIONS[name], os.environ)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message}. Run with --help to see the options.")

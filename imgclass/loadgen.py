@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,21 +22,25 @@ from .stats import DROPPED, Records, RunSummary, summarize
 def poisson_offsets(
     rate: float, *, duration: float | None = None, requests: int | None = None, seed: int | None = 0
 ) -> np.ndarray:
-    """Send times (s) of a Poisson process of `rate`/s: i.i.d. exponential gaps from a seeded RNG."""
+    """Send times (s) of a Poisson process of `rate`/s, from exponential gaps drawn by a seeded RNG.
+
+    Bounded by duration T: exactly round(rate*T) arrivals, placed by rescaling N+1 exponential
+    gaps to fill T. That is the Poisson process conditioned on its count, so the gaps are still
+    exponential and the offered rate is exact instead of off by a random 1/sqrt(N).
+    Bounded by requests alone: plain cumulative exponential gaps.
+    """
     if rate <= 0:
         raise ValueError("rate must be > 0")
     if duration is None and requests is None:
         raise ValueError("bound the run with duration and/or requests")
     rng = random.Random(seed)
-    limit = requests if requests is not None else math.inf
-    out: list[float] = []
-    t = 0.0
-    while len(out) < limit:
-        t += rng.expovariate(rate)
-        if duration is not None and t >= duration:
-            break
-        out.append(t)
-    return np.asarray(out)
+    if duration is not None:
+        count = round(rate * duration)
+        if requests is None or requests >= count:
+            gaps = np.array([rng.expovariate(rate) for _ in range(count + 1)])
+            return np.cumsum(gaps)[:-1] * (duration / gaps.sum())
+    assert requests is not None
+    return np.cumsum([rng.expovariate(rate) for _ in range(requests)])
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,24 @@ def make_session(max_connections: int, timeout: float) -> aiohttp.ClientSession:
     )
 
 
-async def open_loop(target: Target, spec: LoadSpec, progress: bool = False, label: str = "load") -> Records:
-    """Send each request at its scheduled time; never wait for earlier ones (no coordinated omission)."""
+def _station_ms(payload: bytes) -> float:
+    """Time the request spent at the model server's queueing station: queue + decode + inference."""
+    try:
+        timing = json.loads(payload)["timing_ms"]
+        return float(timing["queue"]) + float(timing["decode"]) + float(timing["infer"])
+    except (ValueError, KeyError, TypeError):
+        return math.nan
+
+
+async def open_loop(
+    target: Target, spec: LoadSpec, progress: bool = False, label: str = "load", station: bool = False
+) -> Records:
+    """Send each request at its scheduled time; never wait for earlier ones (no coordinated omission).
+
+    A timer thread sleeps with nanosleep precision and hands each due request to the event loop.
+    asyncio's own timers wake up to a millisecond late (epoll rounds timeouts up), which would
+    show up as latency, since latency counts from the scheduled time.
+    """
     offsets = poisson_offsets(spec.rate, duration=spec.duration, requests=spec.requests, seed=spec.seed)
     records = Records()
     headers = {"Content-Type": target.content_type, **target.headers}
@@ -131,45 +154,76 @@ async def open_loop(target: Target, spec: LoadSpec, progress: bool = False, labe
     in_flight = 0
     completed = 0
     pending: set[asyncio.Task[None]] = set()
+    scheduled = asyncio.Event()
+    stop = threading.Event()
     bar = Progress(len(offsets), label, progress)
     pick = target.picker(spec.seed)
+    clock = time.monotonic
 
     async with make_session(spec.max_in_flight, spec.timeout) as session:
-        start = loop.time()
+        start = clock() + 0.05
 
         async def one(intended: float) -> None:
             nonlocal in_flight, completed
-            sent = loop.time() - start
-            status, backend, error = 0, "", ""
+            sent = clock() - start
+            status, backend, error, at_station = 0, "", "", math.nan
             try:
                 async with session.post(pick(), data=target.body, headers=headers) as response:
-                    await response.read()
+                    payload = await response.read()
                     status, backend = response.status, _backend_of(response)
                     if status != 200:
                         error = f"http_{status}"
+                    elif station:
+                        at_station = _station_ms(payload)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 error = classify_error(exc)
             finally:
                 in_flight -= 1
                 completed += 1
-            records.add(intended, sent, loop.time() - start, status, backend, error)
+            records.add(intended, sent, clock() - start, status, backend, error, at_station)
 
-        for intended in offsets.tolist():
-            delay = start + intended - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if in_flight >= spec.max_in_flight:
-                records.add(intended, math.nan, math.nan, 0, "", DROPPED)
-                continue
-            in_flight += 1
-            task = loop.create_task(one(intended))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            if progress and completed % 200 == 0:
+        def launch(due: list[float]) -> None:
+            nonlocal in_flight
+            for intended in due:
+                if in_flight >= spec.max_in_flight:
+                    records.add(intended, math.nan, math.nan, 0, "", DROPPED)
+                    continue
+                in_flight += 1
+                task = loop.create_task(one(intended))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        def timer() -> None:
+            i, n = 0, len(offsets)
+            times = offsets.tolist()
+            while i < n and not stop.is_set():
+                wait = start + times[i] - clock()
+                if wait > 0:
+                    time.sleep(wait)
+                now = clock() - start + 50e-6
+                j = i + 1
+                while j < n and times[j] <= now:  # everything already due goes in one hand-off
+                    j += 1
+                loop.call_soon_threadsafe(launch, times[i:j])
+                i = j
+            loop.call_soon_threadsafe(scheduled.set)
+
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)  # the timer thread must not wait 5 ms for the GIL
+        thread = threading.Thread(target=timer, name="loadgen-timer", daemon=True)
+        thread.start()
+        try:
+            while not scheduled.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(scheduled.wait(), 0.5)
                 bar.update(completed, f"in flight {in_flight}")
-        while pending:
-            await asyncio.wait(pending, timeout=0.5)
-            bar.update(completed, f"in flight {in_flight}")
+            while pending:
+                await asyncio.wait(pending, timeout=0.5)
+                bar.update(completed, f"in flight {in_flight}")
+        finally:
+            stop.set()
+            thread.join(5)
+            sys.setswitchinterval(previous)
     bar.close()
     return records
 
@@ -205,8 +259,11 @@ async def closed_loop(
     return records, elapsed
 
 
-def run(target: Target, spec: LoadSpec, progress: bool = False, label: str = "load") -> tuple[Records, RunSummary]:
-    records = asyncio.run(open_loop(target, spec, progress, label))
+def run(
+    target: Target, spec: LoadSpec, progress: bool = False, label: str = "load", station: bool = False
+) -> tuple[Records, RunSummary]:
+    """One open-loop run; `station` also records the server's own queue+service time per request."""
+    records = asyncio.run(open_loop(target, spec, progress, label, station))
     end = spec.duration if spec.duration is not None else (max(records.intended) if len(records) else 0.0)
     if spec.duration is None:
         end = math.nextafter(end, math.inf)

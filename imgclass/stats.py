@@ -99,14 +99,19 @@ class Records:
     status: list[int] = field(default_factory=list)  # 0 when there was no HTTP response
     backend: list[str] = field(default_factory=list)
     error: list[str] = field(default_factory=list)  # "" on success; DROPPED if never sent
+    station: list[float] = field(default_factory=list)  # ms at the server's queue+service, if known
 
-    def add(self, intended: float, sent: float, done: float, status: int, backend: str, error: str) -> None:
+    def add(
+        self, intended: float, sent: float, done: float, status: int, backend: str, error: str,
+        station: float = math.nan,
+    ) -> None:  # fmt: skip
         self.intended.append(intended)
         self.sent.append(sent)
         self.done.append(done)
         self.status.append(status)
         self.backend.append(backend)
         self.error.append(error)
+        self.station.append(station)
 
     def __len__(self) -> int:
         return len(self.intended)
@@ -119,14 +124,17 @@ class Records:
             "status": np.asarray(self.status, np.int32),
             "backend": np.asarray(self.backend, dtype=object),
             "error": np.asarray(self.error, dtype=object),
+            "station": np.asarray(self.station, np.float64),
         }
 
     def save_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error"])
-            for row in zip(self.intended, self.sent, self.done, self.status, self.backend, self.error, strict=True):
-                writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:]])
+            writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error", "station_ms"])
+            rows = zip(self.intended, self.sent, self.done, self.status, self.backend, self.error, self.station,
+                       strict=True)  # fmt: skip
+            for row in rows:
+                writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:6], f"{row[6]:.3f}"])
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ class RunSummary:
     latency: LatencySummary  # successful requests, from the *intended* send time
     send_lag_p99_ms: float  # how late the generator itself was
     backends: dict[str, int]
+    station_mean_ms: float = math.nan  # mean time at the server's queue+service (when recorded)
+    path_overhead_ms: float = math.nan  # mean latency outside it: network, HTTP, balancer, generator
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -175,6 +185,8 @@ class RunSummary:
             "p999_ms": lat.p999,
             "max_ms": lat.max,
             "send_lag_p99_ms": self.send_lag_p99_ms,
+            "station_mean_ms": self.station_mean_ms,
+            "path_overhead_ms": self.path_overhead_ms,
         }
         return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -191,6 +203,10 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
     errors = Counter(str(e) for e in a["error"][window] if e)
     lag = (a["sent"][window] - a["intended"][window]) * 1000.0
     sent = int(window.sum())
+    station = a["station"][ok]
+    known = ~np.isnan(station)
+    station_mean = float(station[known].mean()) if known.any() else math.nan
+    overhead = float((latencies[known] - station[known]).mean()) if known.any() else math.nan
     return RunSummary(
         offered_rate=offered_rate,
         scheduled_rate=int(in_window.sum()) / duration,
@@ -204,6 +220,8 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
         latency=LatencySummary.of(latencies),
         send_lag_p99_ms=percentile(lag, 99) if lag.size else math.nan,
         backends=dict(Counter(str(b) for b in a["backend"][ok])),
+        station_mean_ms=station_mean,
+        path_overhead_ms=overhead,
     )
 
 

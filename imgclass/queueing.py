@@ -1,0 +1,52 @@
+"""Queueing theory for the scaling overlay: M/M/1 per server for random dispatch, M/M/c (Erlang C)."""
+
+from __future__ import annotations
+
+import math
+
+from scipy.stats import poisson
+
+
+def mm1_mean_response(arrival_rate: float, service_rate: float) -> float:
+    """Mean time in system W = 1 / (mu - lambda) of an M/M/1 queue; inf when unstable."""
+    if arrival_rate >= service_rate:
+        return math.inf
+    return 1.0 / (service_rate - arrival_rate)
+
+
+def erlang_c(servers: int, offered_load: float) -> float:
+    """Probability that an arrival waits in M/M/c, with offered load a = lambda / mu (Erlangs).
+
+    Written with Poisson terms, which stay finite for large c:
+    C = pmf(c; a) / (pmf(c; a) + (1 - rho) * cdf(c - 1; a)), rho = a / c.
+    """
+    if servers < 1:
+        raise ValueError("servers must be >= 1")
+    rho = offered_load / servers
+    if rho >= 1:
+        return 1.0
+    top = float(poisson.pmf(servers, offered_load))
+    return top / (top + (1 - rho) * float(poisson.cdf(servers - 1, offered_load)))
+
+
+def mmc_mean_response(arrival_rate: float, service_rate: float, servers: int) -> float:
+    """Mean time in system W = C / (c mu - lambda) + 1 / mu of an M/M/c queue."""
+    if arrival_rate >= servers * service_rate:
+        return math.inf
+    wait = erlang_c(servers, arrival_rate / service_rate) / (servers * service_rate - arrival_rate)
+    return wait + 1.0 / service_rate
+
+
+def theory_mean_response(policy: str, arrival_rate: float, mean_service: float, servers: int) -> float | None:
+    """Mean response time (s) the model predicts for `policy`, or None where no model applies.
+
+    random: each of n servers is M/M/1 with arrival rate lambda/n (Poisson splitting).
+    least_outstanding: approximately M/M/c (a central queue; dispatching at once to the least
+    busy server is join-the-shortest-queue, which is close to, and never better than, M/M/c).
+    """
+    mu = 1.0 / mean_service
+    if policy == "random":
+        return mm1_mean_response(arrival_rate / servers, mu)
+    if policy == "least_outstanding":
+        return mmc_mean_response(arrival_rate, mu, servers)
+    return None

@@ -1,0 +1,179 @@
+"""The scaling experiment: latency and throughput against offered load, servers n and policy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import loadgen, plots
+from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
+from .policies import POLICIES
+from .queueing import theory_mean_response
+from .servicetime import parse_service_time
+from .stats import LatencySummary, write_rows_csv
+
+# Utilisations at which the theory overlay is held to 10% (the target holds for rho <= 0.8).
+THEORY_MAX_RHO = 0.8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="test_scaling.py",
+        description="Open-loop Poisson load against the balancer for each (servers n, offered rate, policy).",
+    )
+    add_target_arguments(p)
+    p.add_argument("--servers", default="1,2,4", help="values of n, comma-separated [default 1,2,4]")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rates", help="offered rates in requests/s, comma-separated")
+    g.add_argument("--intervals", help="mean inter-arrival times in s (the original table: 0.5,0.2,0.1,0.01)")
+    g.add_argument(
+        "--loads", help="utilisations rho = lambda / (n mu), e.g. 0.2,0.4,0.6,0.8 (needs the mean service time)"
+    )
+    p.add_argument("--policies", default="random", help="comma-separated: " + ",".join(POLICIES))
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per run, warm-up included [default 20]")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds at the start of each run left out [default 2]")
+    p.add_argument("--min-per-server", type=int, default=0, metavar="K",
+                   help="lengthen a run until each server gets about K requests (queueing means converge slowly)")  # fmt: skip
+    p.add_argument("--local", action="store_true", help="start a local cluster (sleep backend) with max(n) servers")
+    p.add_argument("--backend", default="sleep", help="--local: model backend [default sleep]")
+    p.add_argument("--service-time", default="exp:20ms", help="--local sleep backend: service times [default exp:20ms]")
+    p.add_argument("--service-ms", type=float, help="mean service time (ms) for --loads and theory without --local")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square JPEG sent [default 64]")
+    p.add_argument("--image", help="source photo [default ../shared/images/cat_720p.jpg]")
+    p.add_argument("--stress", type=int, metavar="N", help="also send N requests at once to find the limits")
+    p.add_argument("--raw", action="store_true", help="also save every request's record (CSV per run)")
+    return p
+
+
+def _rates(args: argparse.Namespace, n: int, mean_service: float | None) -> list[tuple[float, float | None]]:
+    """(offered rate, utilisation or None) for n servers."""
+    if args.rates:
+        values = [float(x) for x in args.rates.split(",")]
+    elif args.intervals:
+        values = [1.0 / float(x) for x in args.intervals.split(",")]
+    else:
+        if mean_service is None:
+            raise SystemExit("--loads needs the mean service time: use --local or --service-ms")
+        loads = [float(x) for x in (args.loads or "0.2,0.4,0.6,0.8").split(",")]
+        return [(rho * n / mean_service, rho) for rho in loads]
+    return [(rate, rate * mean_service / n if mean_service else None) for rate in values]
+
+
+def stress(url: str, body: bytes, ctype: str, clients: int, timeout: float = 60.0) -> dict[str, Any]:
+    """N requests at once, each on its own connection: where does the service start refusing?"""
+
+    async def burst() -> tuple[loadgen.Records, float]:
+        records = loadgen.Records()
+        loop = asyncio.get_running_loop()
+        async with loadgen.make_session(clients, timeout) as session:
+            start = loop.time()
+
+            async def one() -> None:
+                status, error = 0, ""
+                try:
+                    async with session.post(url, data=body, headers={"Content-Type": ctype}) as response:
+                        await response.read()
+                        status = response.status
+                        error = "" if status == 200 else f"http_{status}"
+                except Exception as exc:  # every failure is data here
+                    error = loadgen.classify_error(exc)
+                records.add(0.0, 0.0, loop.time() - start, status, "", error)
+
+            await asyncio.gather(*(one() for _ in range(clients)))
+            return records, loop.time() - start
+
+    records, elapsed = asyncio.run(burst())
+    ok = [d * 1000 for d, s in zip(records.done, records.status, strict=True) if s == 200]
+    lat = LatencySummary.of(ok)
+    return {
+        "clients": clients,
+        "ok": len(ok),
+        "errors": dict(Counter(e for e in records.error if e)),
+        "elapsed_s": round(elapsed, 3),
+        "p50_ms": lat.p50,
+        "p99_ms": lat.p99,
+        "max_ms": lat.max,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    servers = [int(x) for x in args.servers.split(",")]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for policy in policies:
+        if policy not in POLICIES:
+            raise SystemExit(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    mean_service = None
+    if args.service_ms:
+        mean_service = args.service_ms / 1000
+    elif args.local and args.backend == "sleep":
+        mean_service = parse_service_time(args.service_time).mean
+    exponential = args.local and args.backend == "sleep" and args.service_time.startswith("exp:")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(args.image) if args.image else default_images_dir() / "cat_720p.jpg"
+    body, ctype = multipart(jpeg_of(source, args.image_size))
+
+    rows: list[dict[str, Any]] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    with target_service(args, args.local, servers=max(servers), backend=args.backend,
+                        service_time=args.service_time, seed=args.seed) as base:  # fmt: skip
+        for n in servers:
+            for policy in policies:
+                for rate, rho in _rates(args, n, mean_service):
+                    url = f"{base}/submit?number_backend_servers={n}&policy={policy}"
+                    duration = max(args.duration, args.warmup + args.min_per_server * n / rate)
+                    spec = loadgen.LoadSpec(rate=rate, duration=duration, warmup=args.warmup,
+                                            max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
+                    label = f"n={n} {policy} {rate:.1f}/s"
+                    records, summary = loadgen.run(
+                        loadgen.Target(url, body, ctype), spec, not args.quiet, label, station=True
+                    )
+                    theory_s = (
+                        theory_mean_response(policy, rate, mean_service, n) if exponential and mean_service else None
+                    )
+                    queue_ms = theory_s * 1000 if theory_s is not None and math.isfinite(theory_s) else None
+                    # The model covers the server's queue and service; the network, HTTP and balancer
+                    # path adds a measured constant on top (client latency minus server queue+service).
+                    overhead = summary.path_overhead_ms if math.isfinite(summary.path_overhead_ms) else 0.0
+                    theory_ms = queue_ms + overhead if queue_ms is not None else None
+                    row: dict[str, Any] = {
+                        "servers": n,
+                        "policy": policy,
+                        "mean_interval_s": round(1 / rate, 6),
+                        "utilisation": round(rho, 4) if rho is not None else None,
+                        **summary.flat(),
+                        "theory_queue_ms": round(queue_ms, 3) if queue_ms else None,
+                        "theory_mean_ms": round(theory_ms, 3) if theory_ms else None,
+                        "theory_error": round(summary.latency.mean / theory_ms - 1, 4) if theory_ms else None,
+                        "backends_used": len(summary.backends),
+                    }
+                    rows.append(row)
+                    if args.raw:
+                        records.save_csv(out / f"scaling_raw_n{n}_{policy}_{rate:.2f}.csv")
+                    theory = f" theory {theory_ms:.1f} ms (error {row['theory_error']:+.1%})" if theory_ms else ""
+                    print(f"n={n:<3} {policy:<17} offered {rate:8.2f}/s achieved {summary.achieved_rate:8.2f}/s "
+                          f"mean {summary.latency.mean:8.2f} p50 {summary.latency.p50:8.2f} p99 {summary.latency.p99:8.2f} ms "
+                          f"errors {sum(summary.errors.values())} dropped {summary.dropped}{theory}", flush=True)  # fmt: skip
+                    write_rows_csv(out / "scaling.csv", rows)  # after every run: a long run keeps its partial results
+                    time.sleep(0.5)  # let the queues drain between runs
+        stress_result = None
+        if args.stress:
+            stress_result = stress(f"{base}/submit?number_backend_servers={max(servers)}", body, ctype, args.stress)
+            print(f"stress: {args.stress} requests at once -> {stress_result}", flush=True)
+            write_json(out / "stress.json", stress_result)
+    write_json(out / "scaling.json", {"started": started, "argv": sys.argv[1:], "rows": rows, "stress": stress_result})
+    for path in plots.scaling_plots(out / "scaling.csv", out):
+        print(f"wrote {path}")
+    checked = [r for r in rows if r["theory_error"] is not None and (r["utilisation"] or 0) <= THEORY_MAX_RHO + 1e-9]
+    if checked:
+        worst = max(checked, key=lambda r: abs(r["theory_error"]))
+        print(f"theory: worst |error| at utilisation <= {THEORY_MAX_RHO}: {worst['theory_error']:+.1%} "
+              f"(n={worst['servers']} {worst['policy']} rho={worst['utilisation']}); target 10%")  # fmt: skip
+    return 0
