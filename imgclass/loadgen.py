@@ -20,13 +20,20 @@ from .stats import DROPPED, Records, RunSummary, summarize
 
 
 def poisson_offsets(
-    rate: float, *, duration: float | None = None, requests: int | None = None, seed: int | None = 0
+    rate: float,
+    *,
+    duration: float | None = None,
+    requests: int | None = None,
+    seed: int | None = 0,
+    warmup: float = 0.0,
 ) -> np.ndarray:
     """Send times (s) of a Poisson process of `rate`/s, from exponential gaps drawn by a seeded RNG.
 
     Bounded by duration T: exactly round(rate*T) arrivals, placed by rescaling N+1 exponential
     gaps to fill T. That is the Poisson process conditioned on its count, so the gaps are still
-    exponential and the offered rate is exact instead of off by a random 1/sqrt(N).
+    exponential and the offered rate is exact instead of off by a random 1/sqrt(N). The warm-up
+    [0, warmup) and the measured window [warmup, T) are conditioned separately, so the window the
+    statistics see holds exactly round(rate * (T - warmup)) arrivals.
     Bounded by requests alone: plain cumulative exponential gaps.
     """
     if rate <= 0:
@@ -34,11 +41,14 @@ def poisson_offsets(
     if duration is None and requests is None:
         raise ValueError("bound the run with duration and/or requests")
     rng = random.Random(seed)
-    if duration is not None:
-        count = round(rate * duration)
-        if requests is None or requests >= count:
+    if duration is not None and (requests is None or requests >= round(rate * duration)):
+        edges = [0.0, warmup, duration] if 0 < warmup < duration else [0.0, duration]
+        parts = []
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            count = round(rate * (hi - lo))
             gaps = np.array([rng.expovariate(rate) for _ in range(count + 1)])
-            return np.cumsum(gaps)[:-1] * (duration / gaps.sum())
+            parts.append(lo + np.cumsum(gaps)[:-1] * ((hi - lo) / gaps.sum()))
+        return np.concatenate(parts)
     assert requests is not None
     return np.cumsum([rng.expovariate(rate) for _ in range(requests)])
 
@@ -147,7 +157,9 @@ async def open_loop(
     asyncio's own timers wake up to a millisecond late (epoll rounds timeouts up), which would
     show up as latency, since latency counts from the scheduled time.
     """
-    offsets = poisson_offsets(spec.rate, duration=spec.duration, requests=spec.requests, seed=spec.seed)
+    offsets = poisson_offsets(
+        spec.rate, duration=spec.duration, requests=spec.requests, seed=spec.seed, warmup=spec.warmup
+    )
     records = Records()
     headers = {"Content-Type": target.content_type, **target.headers}
     loop = asyncio.get_running_loop()

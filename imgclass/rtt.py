@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             data = jpeg_of(source, size, JPEG_QUALITY)
             body, ctype = multipart(data)
             warmup = args.warmup_requests / args.rate
-            spec = loadgen.LoadSpec(rate=args.rate, requests=args.requests + args.warmup_requests, warmup=warmup,
+            # duration-bounded: the schedule then holds exactly `requests` arrivals after the warm-up
+            duration = warmup + args.requests / args.rate
+            spec = loadgen.LoadSpec(rate=args.rate, duration=duration, warmup=warmup,
                                     max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
             _, summary = loadgen.run(loadgen.Target(f"{base}/submit", body, ctype), spec, not args.quiet, f"{size}px")
             row = {"size_px": size, "image_bytes": len(data), "request_bytes": len(body), **summary.flat()}

@@ -19,7 +19,8 @@ def percentile(values: np.ndarray | list[float], q: float) -> float:
     arr = np.sort(np.asarray(values, dtype=np.float64))
     if arr.size == 0:
         return math.nan
-    rank = max(1, math.ceil(q / 100.0 * arr.size))
+    # round first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, whose ceiling is wrong
+    rank = max(1, math.ceil(round(q / 100.0 * arr.size, 9)))
     return float(arr[min(rank, arr.size) - 1])
 
 

@@ -1,0 +1,103 @@
+"""Unit tests of the measurement pieces: exact percentiles, the arrival process, queueing theory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from imgclass import loadgen, queueing
+from imgclass.stats import DROPPED, LatencySummary, Records, percentile, summarize
+
+
+def test_percentiles_exact_nearest_rank() -> None:
+    data = list(range(1, 101))  # 1..100
+    assert percentile(data, 50) == 50
+    assert percentile(data, 90) == 90
+    assert percentile(data, 99) == 99
+    assert percentile(data, 99.9) == 100
+    assert percentile(data, 100) == 100
+    assert percentile([5.0], 50) == 5.0
+    assert percentile([3, 1, 2], 50) == 2
+    assert math.isnan(percentile([], 50))
+
+
+def test_latency_summary_exact() -> None:
+    data = np.arange(1, 1001, dtype=float)  # 1..1000 ms
+    s = LatencySummary.of(data)
+    assert (s.count, s.mean, s.p50, s.p90, s.p95, s.p99, s.p999, s.max) == (1000, 500.5, 500, 900, 950, 990, 999, 1000)
+    assert s.mean_ci[0] < 500.5 < s.mean_ci[1]
+    assert s.p50_ci[0] <= 500 <= s.p50_ci[1]
+
+
+@pytest.mark.parametrize("rate", [5.0, 100.0, 2000.0])
+def test_gaps_are_exponential_at_the_stated_rate(rate: float) -> None:
+    offsets = loadgen.poisson_offsets(rate, requests=5000, seed=11)
+    gaps = np.diff(np.concatenate([[0.0], offsets]))
+    assert sps.kstest(gaps, "expon", args=(0, 1 / rate)).pvalue > 0.01
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.05)
+
+
+def test_duration_bounded_schedule_has_the_exact_rate_and_exponential_gaps() -> None:
+    offsets = loadgen.poisson_offsets(250.0, duration=20.0, seed=3)
+    assert len(offsets) == 5000 and offsets[0] > 0 and offsets[-1] < 20.0
+    assert np.all(np.diff(offsets) > 0)
+    gaps = np.diff(np.concatenate([[0.0], offsets]))
+    assert sps.kstest(gaps, "expon", args=(0, 1 / 250.0)).pvalue > 0.01
+
+
+def test_schedule_is_seeded() -> None:
+    a = loadgen.poisson_offsets(50, requests=100, seed=5)
+    assert np.array_equal(a, loadgen.poisson_offsets(50, requests=100, seed=5))
+    assert not np.array_equal(a, loadgen.poisson_offsets(50, requests=100, seed=6))
+
+
+def test_summarize_counts_from_the_intended_time_and_leaves_out_warmup() -> None:
+    r = Records()
+    r.add(0.5, 0.5, 0.6, 200, "a", "")  # warm-up
+    r.add(1.0, 1.5, 2.0, 200, "a", "")  # sent late: latency 1000 ms from the intended time, not 500
+    r.add(1.5, 1.5, 1.6, 503, "b", "http_503")
+    r.add(2.0, math.nan, math.nan, 0, "", DROPPED)
+    r.add(2.5, 2.5, 2.6, 0, "", "connect_error")
+    s = summarize(r, offered_rate=2.0, warmup_s=1.0, end_s=3.0)
+    assert s.latency.count == 1 and s.latency.mean == pytest.approx(1000.0)
+    assert s.sent == 3 and s.ok == 1 and s.dropped == 1
+    assert s.errors == {"http_503": 1, "connect_error": 1}
+    assert s.achieved_rate == pytest.approx(1.5) and s.scheduled_rate == pytest.approx(2.0)
+    assert s.send_lag_p99_ms == pytest.approx(500.0)
+
+
+def test_mm1_known_values() -> None:
+    assert queueing.mm1_mean_response(0.5, 1.0) == pytest.approx(2.0)
+    assert queueing.mm1_mean_response(40, 50) == pytest.approx(0.1)  # 20 ms service at rho 0.8 -> 100 ms
+    assert math.isinf(queueing.mm1_mean_response(1.0, 1.0))
+
+
+def test_erlang_c_known_values() -> None:
+    assert queueing.erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: P(wait) = rho
+    assert queueing.erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    # textbook: c=5, a=4 Erlangs -> C = 0.5541 (e.g. Kleinrock; the usual call-centre tables)
+    assert queueing.erlang_c(5, 4.0) == pytest.approx(0.5541, abs=1e-4)
+    assert queueing.erlang_c(3, 3.0) == 1.0
+
+
+def test_mmc_known_values() -> None:
+    assert queueing.mmc_mean_response(1.0, 1.0, 2) == pytest.approx(4 / 3)
+    assert queueing.mmc_mean_response(0.5, 1.0, 1) == pytest.approx(queueing.mm1_mean_response(0.5, 1.0))
+    big = queueing.mmc_mean_response(16 * 0.5 * 50, 50, 16)  # 16 servers at rho 0.5: almost never waits
+    assert 0.02 < big < 0.0205
+
+
+def test_theory_by_policy() -> None:
+    assert queueing.theory_mean_response("random", 100, 0.02, 4) == pytest.approx(queueing.mm1_mean_response(25, 50))
+    assert queueing.theory_mean_response("least_outstanding", 100, 0.02, 4) == pytest.approx(
+        queueing.mmc_mean_response(100, 50, 4)
+    )
+    assert queueing.theory_mean_response("p2c", 100, 0.02, 4) is None
+
+
+def test_warmup_and_window_each_hold_their_exact_count() -> None:
+    offsets = loadgen.poisson_offsets(30.0, duration=3.0, warmup=0.5, seed=9)
+    assert (offsets < 0.5).sum() == 15 and (offsets >= 0.5).sum() == 75
