@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -44,7 +45,7 @@ def poisson_offsets(
     if duration is not None and (requests is None or requests >= round(rate * duration)):
         edges = [0.0, warmup, duration] if 0 < warmup < duration else [0.0, duration]
         parts = []
-        for lo, hi in zip(edges, edges[1:], strict=False):
+        for lo, hi in itertools.pairwise(edges):
             count = round(rate * (hi - lo))
             gaps = np.array([rng.expovariate(rate) for _ in range(count + 1)])
             parts.append(lo + np.cumsum(gaps)[:-1] * ((hi - lo) / gaps.sum()))
