@@ -43,12 +43,15 @@ from .pool import BackendState, HealthSettings, Pool
 from .upstream import HostPool, ReadTimeout, Response, UpstreamFailure
 
 BALANCER_OPTIONS = [
-    "host", "port", "name", "log_level", "backends", "backends_file", "policy", "health_interval", "fall",
+    "host", "port", "name", "log_level", "backends", "backends_file", "cluster", "policy", "health_interval", "fall",
     "rise", "eject_seconds", "timeout", "connect_timeout", "admin_token", "max_upload_mb", "seed",
 ]  # fmt: skip
 
 _FORM_FIELD = re.compile(rb'name="(number_backend_servers|policy)"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{0,64})\r\n')
 _HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
+
+
+_SOURCES = ("backends_file", "cluster")  # where backends come from, merged into `backends`
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class BalancerSettings:
 
     @classmethod
     def make(cls, **overrides: object) -> BalancerSettings:
-        values = {name: config.OPTIONS[name].default for name in BALANCER_OPTIONS if name != "backends_file"}
+        values = {name: config.OPTIONS[name].default for name in BALANCER_OPTIONS if name not in _SOURCES}
         values["backends"] = []
         return cls(**{**values, **overrides})  # type: ignore[arg-type]
 
@@ -82,9 +85,16 @@ class BalancerSettings:
         backends = list(ns.backends or [])
         if ns.backends_file:
             backends += config.read_backends_file(ns.backends_file)
+        if ns.cluster:
+            from .testbed import backends_from_cluster
+
+            backends += backends_from_cluster(ns.cluster)
         if not backends:
-            raise ConfigError("no backends: pass --backends URL,URL or --backends-file FILE (or IMGCLASS_BACKENDS).")
-        values = {name: getattr(ns, name) for name in BALANCER_OPTIONS if name != "backends_file"}
+            raise ConfigError(
+                "no backends: pass --backends URL,URL, --backends-file FILE or --cluster cluster.json "
+                "(or IMGCLASS_BACKENDS)."
+            )
+        values = {name: getattr(ns, name) for name in BALANCER_OPTIONS if name not in _SOURCES}
         values["backends"] = backends
         return cls(**values)
 

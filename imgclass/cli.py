@@ -35,6 +35,12 @@ def _up(argv: Sequence[str]) -> int:
     return cluster.up(argv)
 
 
+def _testbed(argv: Sequence[str]) -> int:
+    from . import testbed
+
+    return testbed.main(argv)
+
+
 def _fetch_model(argv: Sequence[str]) -> int:
     import os
 
@@ -56,6 +62,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "serve": ("run one model server (POST /predict)", _serve),
     "balance": ("run the load balancer (POST /submit, the web page)", _balance),
     "up": ("start N model servers and a balancer on this machine", _up),
+    "testbed": ("testbed tools: 'rspec' (GENI request RSpec), 'hosts' (cluster.json from a manifest)", _testbed),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),
 }
 

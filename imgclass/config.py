@@ -156,6 +156,7 @@ OPTIONS: dict[str, Option] = {
         # balancer
         Option("backends", url_list, None, "comma-separated model server URLs"),
         Option("backends_file", str, None, "file with one model server URL per line"),
+        Option("cluster", str, None, "cluster.json from 'imgclass testbed hosts': its servers become backends"),
         Option("policy", choice(*POLICIES), "random", "dispatch policy: " + ", ".join(POLICIES)),
         Option("health_interval", positive_float, 1.0, "seconds between active /readyz checks"),
         Option("fall", positive_int, 3, "failed checks in a row that mark a backend down"),
