@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__, config
-from .errors import ConfigError
+from .errors import ImgclassError
 
 
 def _serve(argv: Sequence[str]) -> int:
@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "serve": ("run one model server (POST /predict)", _serve),
     "balance": ("run the load balancer (POST /submit, the web page)", _balance),
     "up": ("start N model servers and a balancer on this machine", _up),
-    "testbed": ("testbed tools: 'rspec' (GENI request RSpec), 'hosts' (cluster.json from a manifest)", _testbed),
+    "testbed": ("testbed tools: rspec, hosts, emulate (see 'imgclass testbed --help')", _testbed),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),
 }
 
@@ -83,10 +83,10 @@ def usage() -> str:
 
 
 def run(command: str, argv: Sequence[str]) -> int:
-    """Run one subcommand; a ConfigError becomes one sentence on stderr and exit status 2."""
+    """Run one subcommand; a named error becomes one sentence on stderr and exit status 2."""
     try:
         return COMMANDS[command][1](argv)
-    except ConfigError as exc:
+    except ImgclassError as exc:  # named errors at startup: one sentence, no traceback
         print(f"imgclass {command}: error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

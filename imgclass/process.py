@@ -26,14 +26,21 @@ class ChildFailed(ImgclassError):
 class Child:
     """A `python -m imgclass ...` process; `url` is set once it logs `listening url=...`."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, echo: bool = False) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        echo: bool = False,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """`prefix` wraps the command, e.g. ["ip", "netns", "exec", NS]; it must exec, not fork."""
         self.args = list(args)
         self.url: str | None = None
         self.lines: deque[str] = deque(maxlen=500)
         self._ready = threading.Event()
         self._echo = echo
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imgclass", *self.args],
+            [*prefix, sys.executable, "-m", "imgclass", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

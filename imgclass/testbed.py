@@ -104,7 +104,15 @@ def backends_from_cluster(path: str) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = config.make_parser("imgclass testbed", "Testbed tools: RSpec generation and cluster files.")
+    if argv and argv[0] == "emulate":
+        from . import emulate
+
+        return emulate.main(argv[1:])
+    parser = config.make_parser(
+        "imgclass testbed",
+        "Testbed tools: 'rspec' writes the request RSpec, 'hosts' makes cluster.json from a manifest, "
+        "'emulate' runs the RSpec's topology in network namespaces on this machine.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     rspec = sub.add_parser("rspec", help="write the GENI v3 request RSpec")
     rspec.add_argument(
