@@ -5,20 +5,35 @@
 #   ./install_script.sh --dev           also the test tools: pytest, ruff, TensorFlow (keras backend),
 #                                       and the Debian packages the tests drive (chromium, nginx)
 #   ./install_script.sh --tensorflow    runtime plus the keras backend
+#   ./install_script.sh --role server|balancer|client [--systemd]
+#                                       a testbed node (Ubuntu 22.04/24.04): its apt packages, the
+#                                       venv, the model for servers; --systemd installs and enables
+#                                       imgclass-<role>.service (restart on failure and at boot)
 #
 # With no internet, point IMGCLASS_MODEL_DIR at a folder holding the model files.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-dev=0; tf=0
-for arg in "$@"; do
-  case "$arg" in
+dev=0; tf=0; role=""; systemd=0
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dev) dev=1; tf=1 ;;
     --tensorflow) tf=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "install_script.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    --role) shift; role="${1:-}" ;;
+    --role=*) role="${1#--role=}" ;;
+    --systemd) systemd=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install_script.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$role" in
+  ""|server|balancer|client) ;;
+  *) echo "install_script.sh: --role must be server, balancer or client, not '$role'" >&2; exit 2 ;;
+esac
+if [ $systemd = 1 ] && { [ -z "$role" ] || [ "$role" = client ]; }; then
+  echo "install_script.sh: --systemd needs --role server or --role balancer" >&2; exit 2
+fi
 
 say() { printf 'install_script: %s\n' "$*"; }
 
@@ -43,6 +58,9 @@ apt_install() {  # apt_install PKG...: install the missing ones, if we may
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   apt_install python3-venv
 fi
+if [ -n "$role" ]; then
+  apt_install ca-certificates
+fi
 
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
@@ -65,7 +83,17 @@ else
 fi
 
 if [ $dev = 1 ]; then
-  apt_install chromium chromium-driver nginx
+  apt_install chromium chromium-driver nginx openssh-server openssh-client wrk iproute2
 fi
 
-.venv/bin/imgclass fetch-model --dest models
+if [ -z "$role" ] || [ "$role" = server ]; then
+  .venv/bin/imgclass fetch-model --dest models
+fi
+
+if [ $systemd = 1 ]; then
+  unit="/etc/systemd/system/imgclass-$role.service"
+  say "writing $unit"
+  .venv/bin/imgclass testbed unit --role "$role" --dir "$PWD" | as_root tee "$unit" > /dev/null
+  as_root systemctl daemon-reload
+  as_root systemctl enable "imgclass-$role.service"
+fi

@@ -17,6 +17,26 @@ from .errors import ImgclassError
 _LISTENING = re.compile(r" listening .*url=(\S+)")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's orderly stop still applies
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so `finally` blocks stop the children we started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class ChildFailed(ImgclassError):
     """A child process exited or stayed silent before it announced its URL."""
 
@@ -48,6 +68,7 @@ class Child:
             bufsize=1,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which stops us in order
+            preexec_fn=_die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

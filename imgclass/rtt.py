@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import loadgen, plots
 from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
+from .process import terminate_as_interrupt
 from .stats import write_rows_csv
 
 DEFAULT_SIZES = "16,32,64,96,128,224,2000"
@@ -101,6 +102,7 @@ def accuracy(url: str, images_dir: Path, labels: dict[str, int], sizes: list[int
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate_as_interrupt()
     sizes = [int(s) for s in args.sizes.split(",")]
     images_dir = Path(args.images_dir) if args.images_dir else default_images_dir()
     source = Path(args.image) if args.image else images_dir / "cat_720p.jpg"

@@ -14,6 +14,7 @@ from typing import Any
 from . import loadgen, plots
 from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
 from .policies import POLICIES
+from .process import terminate_as_interrupt
 from .queueing import theory_mean_response
 from .servicetime import parse_service_time
 from .stats import LatencySummary, write_rows_csv
@@ -104,6 +105,7 @@ def stress(url: str, body: bytes, ctype: str, clients: int, timeout: float = 60.
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate_as_interrupt()
     servers = [int(x) for x in args.servers.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for policy in policies:

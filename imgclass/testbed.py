@@ -87,6 +87,30 @@ def cluster_from_manifest(xml_text: str, server_port: int = SERVER_PORT, balance
     return {"nodes": nodes}
 
 
+def systemd_unit(role: str, directory: str) -> str:
+    """A unit that restarts the role on failure and at boot; options come from IMGCLASS_* variables."""
+    command = "serve" if role == "server" else "balance"
+    return f"""[Unit]
+Description=imgclass {role}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+WorkingDirectory={directory}
+# IMGCLASS_* settings (port, backends, model dir...) written by 'imgclass testbed deploy --systemd'
+EnvironmentFile=-/etc/default/imgclass-{role}
+ExecStart={directory}/.venv/bin/imgclass {command}
+Restart=on-failure
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec=40
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def backends_from_cluster(path: str) -> list[str]:
     """The model servers' data-plane URLs, for `load_balancer.py --cluster cluster.json`."""
     try:
@@ -108,6 +132,10 @@ def main(argv: Sequence[str]) -> int:
         from . import emulate
 
         return emulate.main(argv[1:])
+    if argv and argv[0] in ("deploy", "status", "stop"):
+        from . import deploy
+
+        return deploy.main(argv[0], argv[1:])
     parser = config.make_parser(
         "imgclass testbed",
         "Testbed tools: 'rspec' writes the request RSpec, 'hosts' makes cluster.json from a manifest, "
@@ -121,10 +149,16 @@ def main(argv: Sequence[str]) -> int:
     rspec.add_argument("--hardware", choices=("vm", "rawpc"), default="vm", help="XenVM or raw PC [default vm]")
     rspec.add_argument("--image", default=DEFAULT_IMAGE, help="disk image URN [default Ubuntu 22.04]")
     rspec.add_argument("-o", "--output", help="file to write [default stdout]")
+    unit = sub.add_parser("unit", help="print the systemd unit for a role (install_script.sh --systemd uses it)")
+    unit.add_argument("--role", choices=("server", "balancer"), required=True)
+    unit.add_argument("--dir", required=True, help="the project folder on the node")
     hosts = sub.add_parser("hosts", help="cluster.json from a manifest RSpec")
     hosts.add_argument("manifest", help="the manifest XML saved from the portal")
     hosts.add_argument("-o", "--output", default="cluster.json", help="[default cluster.json]")
     args = parser.parse_args(argv)
+    if args.command == "unit":
+        print(systemd_unit(args.role, args.dir), end="")
+        return 0
     if args.command == "rspec":
         try:
             text = request_rspec(star(args.servers), args.hardware, args.image)

@@ -115,3 +115,21 @@ def post_image(url: str, data: bytes, filename: str = "x.jpg", **extra: str) -> 
 def post_json(url: str, doc: object) -> tuple[int, dict[str, str], dict]:
     status, headers, raw = http("POST", url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
     return status, headers, json.loads(raw)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc."""
+    out: set[int] = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in out:
+                    out.add(kid)
+                    stack.append(kid)
+    return out

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from scipy.stats import chisquare
 
-from .conftest import http, multipart, post_image
+from .conftest import descendants, http, multipart, post_image
 
 pytestmark = pytest.mark.integration
 
@@ -262,23 +262,6 @@ def test_balancer_needs_backends() -> None:
     assert proc.returncode == 2 and "--backends" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _descendants(pid: int) -> set[int]:
-    out: set[int] = set()
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for kid in map(int, kids):
-                if kid not in out:
-                    out.add(kid)
-                    stack.append(kid)
-    return out
-
-
 def test_up_leaves_no_process_behind(model_dir: Path, small_jpeg: bytes) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgclass", "up", "--servers", "3", "--backend", "sleep", "--service-time",
@@ -292,7 +275,7 @@ def test_up_leaves_no_process_behind(model_dir: Path, small_jpeg: bytes) -> None
         assert "imgclass is up" in line, line
         url = line.split(" behind ")[1].split("/  ")[0]
         assert post_image(url + "/submit", small_jpeg)[0] == 200
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         assert len(children) == 4  # three servers and the balancer
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

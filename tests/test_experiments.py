@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 
 from imgclass import loadgen
 from imgclass.experiment import balancer_url_from_cluster, jpeg_of, multipart
+
+from .conftest import descendants
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,3 +106,32 @@ def test_cluster_file_names_the_balancer(tmp_path: Path) -> None:
         {"role": "balancer", "name": "balancer", "control_host": "pc9.example.net", "service_port": 5000},
     ]}))  # fmt: skip
     assert balancer_url_from_cluster(str(path)) == "http://pc9.example.net:5000"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_script_leaves_no_servers_behind(model_dir: Path, tmp_path: Path, sig: int) -> None:
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "test_scaling.py", "--local", "--servers", "2", "--loads", "0.3", "--duration", "60",
+         "--out", str(tmp_path), "--quiet"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "IMGCLASS_MODEL_DIR": str(model_dir)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        children: set[int] = set()
+        while time.monotonic() < deadline and len(children) < 3:  # two servers and the balancer
+            time.sleep(0.2)
+            children = descendants(proc.pid)
+        assert len(children) >= 3
+        proc.send_signal(sig)
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+            time.sleep(0.1)
+        assert [p for p in children if Path(f"/proc/{p}").exists()] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
