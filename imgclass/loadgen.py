@@ -140,6 +140,29 @@ def make_session(max_connections: int, timeout: float) -> aiohttp.ClientSession:
     )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    status: int  # 0 when no HTTP response came back
+    backend: str
+    error: str  # "" on success
+    station_ms: float = math.nan
+
+
+async def send(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], station: bool = False
+) -> Outcome:
+    """One POST; every failure becomes an error type in the outcome, never an exception."""
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            payload = await response.read()
+            status, backend = response.status, _backend_of(response)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return Outcome(0, "", classify_error(exc))
+    if status != 200:
+        return Outcome(status, backend, f"http_{status}")
+    return Outcome(status, backend, "", _station_ms(payload) if station else math.nan)
+
+
 def _station_ms(payload: bytes) -> float:
     """Time the request spent at the model server's queueing station: queue + decode + inference."""
     try:
@@ -179,21 +202,12 @@ async def open_loop(
         async def one(intended: float) -> None:
             nonlocal in_flight, completed
             sent = clock() - start
-            status, backend, error, at_station = 0, "", "", math.nan
             try:
-                async with session.post(pick(), data=target.body, headers=headers) as response:
-                    payload = await response.read()
-                    status, backend = response.status, _backend_of(response)
-                    if status != 200:
-                        error = f"http_{status}"
-                    elif station:
-                        at_station = _station_ms(payload)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                error = classify_error(exc)
+                out = await send(session, pick(), target.body, headers, station)
             finally:
                 in_flight -= 1
                 completed += 1
-            records.add(intended, sent, clock() - start, status, backend, error, at_station)
+            records.add(intended, sent, clock() - start, out.status, out.backend, out.error, out.station_ms)
 
         def launch(due: list[float]) -> None:
             nonlocal in_flight
@@ -255,17 +269,10 @@ async def closed_loop(
         async def client() -> None:
             while loop.time() < stop_at:
                 sent = loop.time() - start
-                status, backend, error = 0, "", ""
-                try:
-                    async with session.post(target.url, data=target.body, headers=headers) as response:
-                        await response.read()
-                        status, backend = response.status, _backend_of(response)
-                        if status != 200:
-                            error = f"http_{status}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    error = classify_error(exc)
-                    await asyncio.sleep(0.01)
-                records.add(sent, sent, loop.time() - start, status, backend, error)
+                out = await send(session, target.url, target.body, headers)
+                if out.status == 0:
+                    await asyncio.sleep(0.01)  # no hot loop against a server that is down
+                records.add(sent, sent, loop.time() - start, out.status, out.backend, out.error)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = loop.time() - start

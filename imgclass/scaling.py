@@ -76,15 +76,8 @@ def stress(url: str, body: bytes, ctype: str, clients: int, timeout: float = 60.
             start = loop.time()
 
             async def one() -> None:
-                status, error = 0, ""
-                try:
-                    async with session.post(url, data=body, headers={"Content-Type": ctype}) as response:
-                        await response.read()
-                        status = response.status
-                        error = "" if status == 200 else f"http_{status}"
-                except Exception as exc:  # every failure is data here
-                    error = loadgen.classify_error(exc)
-                records.add(0.0, 0.0, loop.time() - start, status, "", error)
+                out = await loadgen.send(session, url, body, {"Content-Type": ctype})
+                records.add(0.0, 0.0, loop.time() - start, out.status, out.backend, out.error)
 
             await asyncio.gather(*(one() for _ in range(clients)))
             return records, loop.time() - start
