@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 import types
@@ -156,3 +157,18 @@ def test_bad_manifest_is_a_clear_error() -> None:
         testbed.cluster_from_manifest("<rspec")
     with pytest.raises(ConfigError, match="balancer"):
         testbed.cluster_from_manifest('<rspec xmlns="http://www.geni.net/resources/rspec/3"/>')
+
+
+@pytest.mark.parametrize(("role", "command"), [("server", "serve"), ("balancer", "balance")])
+def test_systemd_unit(role: str, command: str, tmp_path: Path) -> None:
+    text = testbed.systemd_unit(role, "/opt/imgclass")
+    assert f"ExecStart=/opt/imgclass/.venv/bin/imgclass {command}\n" in text
+    assert "Restart=on-failure" in text and "WantedBy=multi-user.target" in text
+    assert f"EnvironmentFile=-/etc/default/imgclass-{role}" in text
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return  # the content checks above still ran; a full verify needs systemd
+    unit = tmp_path / f"imgclass-{role}.service"
+    unit.write_text(text.replace("/opt/imgclass/.venv/bin/imgclass", "/bin/true"))
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "error" not in proc.stderr.lower(), proc.stderr
