@@ -318,8 +318,13 @@ async def remove_backend(request: web.Request) -> web.Response:
     raw = request.query.get("url")
     if not raw:
         raise BadParameter("Pass the backend to remove as ?url=http://host:port.")
-    request.app[BALANCER_KEY].pool.remove(raw.rstrip("/"))
-    return json_response({"removed": raw.rstrip("/")})
+    balancer = request.app[BALANCER_KEY]
+    url = raw.rstrip("/")
+    balancer.pool.remove(url)
+    upstream = balancer.upstreams.pop(url, None)
+    if upstream is not None:
+        upstream.close()  # its idle keep-alive connections would otherwise stay open
+    return json_response({"removed": url})
 
 
 async def index(request: web.Request) -> web.Response:
