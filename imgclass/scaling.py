@@ -15,7 +15,7 @@ from . import loadgen, plots
 from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
 from .policies import POLICIES
 from .process import terminate_as_interrupt
-from .queueing import theory_mean_response
+from .queueing import simulate_jsq_mean_response, theory_mean_response
 from .servicetime import parse_service_time
 from .stats import LatencySummary, write_rows_csv
 
@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                         "theory_queue_ms": round(queue_ms, 3) if queue_ms else None,
                         "theory_mean_ms": round(theory_ms, 3) if theory_ms else None,
                         "theory_error": round(summary.latency.mean / theory_ms - 1, 4) if theory_ms else None,
+                        # join-the-shortest-queue by simulation, plus the same measured path overhead
+                        "jsq_sim_ms": round(
+                            simulate_jsq_mean_response(rate, 1 / mean_service, n, seed=args.seed) * 1000 + overhead, 3
+                        )
+                        if policy == "least_outstanding" and queue_ms
+                        else None,
                         "backends_used": len(summary.backends),
                     }
                     rows.append(row)

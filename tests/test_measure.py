@@ -101,3 +101,14 @@ def test_theory_by_policy() -> None:
 def test_warmup_and_window_each_hold_their_exact_count() -> None:
     offsets = loadgen.poisson_offsets(30.0, duration=3.0, warmup=0.5, seed=9)
     assert (offsets < 0.5).sum() == 15 and (offsets >= 0.5).sum() == 75
+
+
+def test_jsq_simulation_matches_known_limits() -> None:
+    # one server: JSQ is M/M/1
+    assert queueing.simulate_jsq_mean_response(40, 50, 1, arrivals=200_000) == pytest.approx(0.1, rel=0.06)
+    # many servers, light load: hardly anyone waits, as in M/M/c
+    light = queueing.simulate_jsq_mean_response(100, 50, 8, arrivals=50_000)
+    assert light == pytest.approx(queueing.mmc_mean_response(100, 50, 8), rel=0.03)
+    # high load: JSQ waits more than the central-queue M/M/c (its lower bound)
+    heavy = queueing.simulate_jsq_mean_response(320, 50, 8, arrivals=100_000)
+    assert heavy > queueing.mmc_mean_response(320, 50, 8) * 1.05
