@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import re
 import shutil
@@ -26,114 +25,34 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import Nginx, cpu_seconds, find_nginx  # noqa: E402
+
 from imgclass import loadgen  # noqa: E402
+from imgclass.experiment import jpeg_of, multipart  # noqa: E402
 from imgclass.process import Child, stop_all  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
-
-
-def upload(images: Path) -> tuple[bytes, str]:
-    """A ~30 KB JPEG in a multipart body, the size the issue's nginx note is about."""
-    buf = io.BytesIO()
-    Image.open(images / "parrot.jpg").convert("RGB").resize((224, 224)).save(buf, "JPEG", quality=97)
-    boundary = "benchboundary7d93"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + buf.getvalue()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def find_nginx() -> str | None:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found or not shutil.which("apt-get") or os.geteuid() != 0:
-        return found
-    print("# nginx not found: apt-get install nginx-light ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], env=env, capture_output=True, timeout=600)
-    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-{user}
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+NGINX_HTTP = """
     client_body_buffer_size 128k;
     client_max_body_size 25m;
     upstream imgclass {{
         random;
 {servers}
         keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location = /submit {{
+    }}"""
+NGINX_SERVER = """
+        location = /submit {
             proxy_pass http://imgclass/predict;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
+        }"""
 
 
-def start_nginx(binary: str, backends: list[str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port, user=user))
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx failed: {proc.stderr.read().decode() if proc.stderr else ''}") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("nginx did not start listening")
-
-
-def nginx_pids(master: int) -> list[int]:
-    kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [master, *map(int, kids)]
+def upload(images: Path) -> tuple[bytes, str]:
+    """A ~40 KB JPEG in a multipart body, the size the issue's nginx note is about."""
+    return multipart(jpeg_of(images / "parrot.jpg", 224, quality=97), "p.jpg")
 
 
 def saturate(url: str, body: bytes, ctype: str, seconds: float, tmp: Path) -> tuple[float, int]:
@@ -171,9 +90,9 @@ def main() -> int:
     body, ctype = upload(Path(args.images))
     print(f"# bench/balancer.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  "
           f"{args.backends} sleep backends ({args.service_time}, 16 threads each), upload {len(body)} bytes")  # fmt: skip
-    nginx_bin = find_nginx()
+    nginx_bin = find_nginx(install=True)
     children: list[Child] = []
-    nginx_proc = None
+    nginx: Nginx | None = None
     try:
         children = [Child(["serve", "--port", "0", "--backend", "sleep", "--service-time", args.service_time,
                            "--threads", "16", "--max-queue", "4096"], env=env) for _ in range(args.backends)]  # fmt: skip
@@ -187,8 +106,9 @@ def main() -> int:
         targets["imgclass"] = (ours_url, [ours.pid])
         tmp = Path(tempfile.mkdtemp(prefix="imgclass-bench-"))
         if nginx_bin:
-            nginx_proc, nginx_url = start_nginx(nginx_bin, backends, tmp)
-            targets["nginx"] = (nginx_url + "/submit", nginx_pids(nginx_proc.pid))
+            servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
+            nginx = Nginx(nginx_bin, NGINX_HTTP.format(servers=servers), NGINX_SERVER)
+            targets["nginx"] = (nginx.url + "/submit", nginx.pids())
         else:
             print("# SKIP nginx: not installed and could not be installed; only our balancer is measured")
 
@@ -224,9 +144,8 @@ def main() -> int:
             if k != "direct"
         }
     finally:
-        if nginx_proc is not None:
-            nginx_proc.terminate()
-            nginx_proc.wait(10)
+        if nginx is not None:
+            nginx.stop()
         stop_all(children)
 
     print(f"\n{'':38}{'direct':>10}{'imgclass':>10}{'nginx':>10}{'ratio':>8}")

@@ -13,39 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imgclass import loadgen  # noqa: E402
+from common import Nginx, find_nginx  # noqa: E402
 
-CONF = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-{user}
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-"""
+from imgclass import loadgen  # noqa: E402
 
 
 def main() -> int:
@@ -53,25 +30,16 @@ def main() -> int:
     parser.add_argument("--rates", default="500,1000,1500,2000")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None:
+    binary = find_nginx()
+    if binary is None:
         print("SKIP: nginx is not installed (apt-get install nginx); it is the fast endpoint this bench needs")
         return 0
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = Path(tempfile.mkdtemp(prefix="imgclass-loadgen-"))
-    conf = tmp / "nginx.conf"
-    conf.write_text(CONF.format(tmp=tmp, port=port, user="user root;" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    nginx = Nginx(binary, "    keepalive_requests 1000000;", '        location / { return 200 "ok"; }')
     print(f"# bench/loadgen.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  endpoint: nginx return 200")
     print(f"{'offered/s':>10}{'achieved/s':>12}{'ratio':>8}{'send lag p99 ms':>17}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'errors':>8}{'dropped':>9}{'CPU ms/req':>12}")  # fmt: skip
     try:
-        target = loadgen.Target(f"http://127.0.0.1:{port}/", b"x" * 64, "application/octet-stream")
+        target = loadgen.Target(nginx.url + "/", b"x" * 64, "application/octet-stream")
         for rate in (float(r) for r in args.rates.split(",")):
             spec = loadgen.LoadSpec(rate=rate, duration=args.seconds, warmup=1.0, max_in_flight=2000, seed=7)
             c0 = time.process_time()
@@ -81,8 +49,7 @@ def main() -> int:
                   f"{s.latency.p50:>9.3f}{s.latency.p99:>9.3f}{sum(s.errors.values()):>8}{s.dropped:>9}{cpu:>12.3f}",
                   flush=True)  # fmt: skip
     finally:
-        proc.terminate()
-        proc.wait(10)
+        nginx.stop()
     return 0
 
 

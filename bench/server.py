@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
@@ -21,41 +20,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cpu_seconds  # noqa: E402
+
 from imgclass import loadgen  # noqa: E402
 from imgclass.backends import BackendOptions, load_backend  # noqa: E402
+from imgclass.experiment import jpeg_of, multipart  # noqa: E402
 from imgclass.images import decode  # noqa: E402
 from imgclass.process import Child  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def photo_224_jpeg(path: Path) -> bytes:
-    buf = io.BytesIO()
-    Image.open(path).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def multipart(data: bytes) -> tuple[bytes, str]:
-    boundary = "benchboundary7d93"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def engine_figures(model_dir: str, jpeg: bytes, threads: int, n: int) -> dict[str, float]:
@@ -121,8 +95,8 @@ def main() -> int:
     parser.add_argument("serve_args", nargs="*", help="extra 'imgclass serve' options, after --")
     args = parser.parse_args()
     model_dir = os.environ.get("IMGCLASS_MODEL_DIR", str(ROOT / "models"))
-    jpeg = photo_224_jpeg(Path(args.image))
-    body, ctype = multipart(jpeg)
+    jpeg = jpeg_of(Path(args.image), 224, quality=90)
+    body, ctype = multipart(jpeg, "x.jpg")
     threads = os.cpu_count() or 1
 
     print(f"# bench/server.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={threads}  224px JPEG of {len(jpeg)} bytes")
@@ -135,9 +109,9 @@ def main() -> int:
         url = child.wait_url() + "/predict"
         target = loadgen.Target(url, body, ctype)
         asyncio.run(loadgen.closed_loop(target, args.concurrency, 2.0))  # warm up
-        cpu0 = proc_cpu_seconds(child.pid)
+        cpu0 = cpu_seconds([child.pid])
         records, elapsed = asyncio.run(loadgen.closed_loop(target, args.concurrency, args.seconds))
-        cpu1 = proc_cpu_seconds(child.pid)
+        cpu1 = cpu_seconds([child.pid])
         ok = sum(1 for s in records.status if s == 200)
         server_cpu_ms = (cpu1 - cpu0) / max(ok, 1) * 1000
         sat_ips = ok / elapsed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from . import config
 from .errors import ConfigError, ImgclassError
-from .testbed import BALANCER_PORT, SERVER_PORT
+from .testbed import BALANCER_PORT, SERVER_PORT, read_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = (".git", ".venv", "models", "results", "test-artifacts", "__pycache__", "*.egg-info", ".pytest_cache",
@@ -60,10 +59,7 @@ class Connection:
 
 
 def targets_from_cluster(path: str, user: str | None, remote_dir: str) -> list[Target]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read --cluster {path!r} ({exc}); make it with 'imgclass testbed hosts'.") from exc
+    doc = read_cluster(path)
     targets = []
     for node in doc.get("nodes", []):
         if node.get("role") not in ("server", "balancer", "client"):

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import config
 from .errors import ConfigError, ImgclassError
 from .process import Child, ChildFailed, stop_all
-from .testbed import BALANCER_PORT, SERVER_PORT
+from .testbed import BALANCER_PORT, SERVER_PORT, local_name, role_of
 from .topology import Endpoint, Link, Node, Topology
 
 
@@ -37,10 +37,6 @@ class Shaping:
         return bool(self.delay) or self.loss > 0
 
 
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
 def topology_from_rspec(xml_text: str) -> Topology:
     """Nodes, interfaces, addresses and links of a request (or manifest) RSpec."""
     try:
@@ -51,20 +47,19 @@ def topology_from_rspec(xml_text: str) -> Topology:
     addresses: dict[str, tuple[str, str, str]] = {}  # interface client_id -> (node, ifname, ip)
     links: list[Link] = []
     for element in root:
-        tag = _local(element.tag)
+        tag = local_name(element.tag)
         if tag == "node":
             name = element.get("client_id", "")
-            role = "server" if name.startswith("server") else name if name in ("balancer", "client") else "other"
-            nodes.append(Node(name, role))
+            nodes.append(Node(name, role_of(name)))
             for iface in element:
-                if _local(iface.tag) != "interface":
+                if local_name(iface.tag) != "interface":
                     continue
-                ip = next((c.get("address") for c in iface if _local(c.tag) == "ip"), None)
+                ip = next((c.get("address") for c in iface if local_name(c.tag) == "ip"), None)
                 client_id = iface.get("client_id", "")
                 if ip:
                     addresses[client_id] = (name, client_id.split(":", 1)[-1], ip)
         elif tag == "link":
-            refs = [r.get("client_id", "") for r in element if _local(r.tag) == "interface_ref"]
+            refs = [r.get("client_id", "") for r in element if local_name(r.tag) == "interface_ref"]
             if len(refs) != 2 or not all(r in addresses for r in refs):
                 raise ConfigError(f"link {element.get('client_id')} must join two interfaces with IPv4 addresses.")
             (na, ia, aa), (nb, ib, ab) = addresses[refs[0]], addresses[refs[1]]

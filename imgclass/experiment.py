@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from .cluster import LocalCluster, cluster_options
+from .testbed import balancer_url_from_cluster
 
 DEFAULT_IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
 
@@ -35,14 +36,6 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the arrival process [default 1]")
     parser.add_argument("--max-in-flight", type=int, default=1000, help="requests in flight before dropping")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def balancer_url_from_cluster(path: str) -> str:
-    doc = json.loads(Path(path).read_text())
-    for node in doc.get("nodes", []):
-        if node.get("role") == "balancer":
-            return f"http://{node['control_host']}:{node.get('service_port', 5000)}"
-    raise SystemExit(f"{path}: no node with role 'balancer'")
 
 
 @contextmanager

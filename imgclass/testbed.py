@@ -44,8 +44,24 @@ def request_rspec(topology: Topology, hardware: str = "vm", image: str = DEFAULT
     return request.toXMLString(pretty_print=True, ucode=True)
 
 
-def _local(tag: str) -> str:
+def local_name(tag: str) -> str:
+    """An XML tag without its namespace."""
     return tag.rsplit("}", 1)[-1]
+
+
+def role_of(node_name: str) -> str:
+    """The role a node plays, from its client_id in image_class.rspec."""
+    if node_name.startswith("server"):
+        return "server"
+    return node_name if node_name in ("balancer", "client") else "other"
+
+
+def read_cluster(path: str) -> dict:
+    """cluster.json, or a ConfigError that says how to make it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read cluster file {path!r} ({exc}); make it with 'imgclass testbed hosts'.") from exc
 
 
 def cluster_from_manifest(xml_text: str, server_port: int = SERVER_PORT, balancer_port: int = BALANCER_PORT) -> dict:
@@ -56,14 +72,14 @@ def cluster_from_manifest(xml_text: str, server_port: int = SERVER_PORT, balance
         raise ConfigError(f"the manifest is not valid XML ({exc}); save it from the portal again.") from exc
     nodes = []
     for node in root:
-        if _local(node.tag) != "node":
+        if local_name(node.tag) != "node":
             continue
         name = node.get("client_id", "")
-        role = "server" if name.startswith("server") else name if name in ("balancer", "client") else "other"
+        role = role_of(name)
         entry: dict[str, object] = {"role": role, "name": name}
         addresses = []
         for child in node.iter():
-            tag = _local(child.tag)
+            tag = local_name(child.tag)
             if tag == "login" and "control_host" not in entry:
                 entry["control_host"] = child.get("hostname")
                 entry["control_port"] = int(child.get("port", "22"))
@@ -111,12 +127,17 @@ WantedBy=multi-user.target
 """
 
 
+def balancer_url_from_cluster(path: str) -> str:
+    """The balancer's control-network URL, for running the experiments from outside the slice."""
+    for node in read_cluster(path).get("nodes", []):
+        if node.get("role") == "balancer":
+            return f"http://{node['control_host']}:{node.get('service_port', BALANCER_PORT)}"
+    raise ConfigError(f"{path} has no node with role 'balancer'.")
+
+
 def backends_from_cluster(path: str) -> list[str]:
     """The model servers' data-plane URLs, for `load_balancer.py --cluster cluster.json`."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read --cluster {path!r} ({exc}); make it with 'imgclass testbed hosts'.") from exc
+    doc = read_cluster(path)
     urls = [
         f"http://{n['data_ip']}:{n.get('service_port', SERVER_PORT)}"
         for n in doc.get("nodes", [])

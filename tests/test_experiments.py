@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from imgclass import loadgen
-from imgclass.experiment import balancer_url_from_cluster, jpeg_of, multipart
+from imgclass.experiment import jpeg_of, multipart
+from imgclass.testbed import balancer_url_from_cluster
 
 from .conftest import descendants
 
