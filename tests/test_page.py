@@ -47,10 +47,15 @@ def site(spawn) -> str:
     return spawn("balance", "--port", "0", "--backends", ",".join(urls)).url
 
 
+def _panel(driver) -> str:
+    """The backends panel's text, read atomically (its rows are replaced every 2 s)."""
+    return driver.execute_script("return document.getElementById('backends').innerText")
+
+
 def test_upload_parrot_shows_macaw(browser, site: str, images_dir: Path, artifacts: Path) -> None:
     browser.get(site + "/")
     wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: "127.0.0.1" in d.find_element(By.ID, "backends").text)
+    wait.until(lambda d: "127.0.0.1" in _panel(d))
     browser.find_element(By.ID, "file").send_keys(str(images_dir / "parrot.jpg"))
     wait.until(ec.element_to_be_clickable((By.ID, "submit"))).click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .pred"))
@@ -60,7 +65,9 @@ def test_upload_parrot_shows_macaw(browser, site: str, images_dir: Path, artifac
     meta = browser.find_element(By.ID, "meta").text
     assert "answered by server" in meta and "round trip" in meta
     assert browser.find_element(By.ID, "preview").is_displayed()
-    wait.until(lambda d: any(c.text.strip() == "1" for c in d.find_elements(By.CSS_SELECTOR, "#backends td.num")))
+    # the served counts, read in one script call: the panel rebuilds its rows every 2 s
+    served = "return [...document.querySelectorAll('#backends tr')].map(r => r.cells[2] && r.cells[2].innerText)"
+    wait.until(lambda d: "1" in d.execute_script(served))
     browser.save_screenshot(str(artifacts / "page-parrot.png"))
     assert (artifacts / "page-parrot.png").stat().st_size > 10_000
 
