@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlencode
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from . import config, log
+from .asgi import App, Request, Response, json_response
+from .asgi import serve as serve_app
 from .errors import (
     BadJSON,
     BadParameter,
@@ -25,22 +28,11 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .httpapp import (
-    LOGGER_KEY,
-    REGISTRY_KEY,
-    bind_socket,
-    healthz,
-    json_response,
-    make_middleware,
-    metrics_handler,
-    run_async,
-    run_until_signalled,
-    socket_url,
-)
-from .payload import too_large
+from .httpapp import bind_socket, run_async, socket_url
 from .policies import POLICIES, make_policies
 from .pool import BackendState, HealthSettings, Pool
-from .upstream import HostPool, ReadTimeout, Response, UpstreamFailure
+from .upstream import HostPool, ReadTimeout, UpstreamFailure
+from .upstream import Response as UpstreamResponse
 
 BALANCER_OPTIONS = [
     "host", "port", "name", "log_level", "backends", "backends_file", "cluster", "policy", "health_interval", "fall",
@@ -48,7 +40,16 @@ BALANCER_OPTIONS = [
 ]  # fmt: skip
 
 _FORM_FIELD = re.compile(rb'name="(number_backend_servers|policy)"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{0,64})\r\n')
-_HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
+# x-request-id: the app sets it; the backend echoes the same one
+_HOP_BY_HOP = {
+    b"content-length",
+    b"transfer-encoding",
+    b"connection",
+    b"keep-alive",
+    b"date",
+    b"server",
+    b"x-request-id",
+}
 
 
 _SOURCES = ("backends_file", "cluster")  # where backends come from, merged into `backends`
@@ -162,7 +163,7 @@ class Balancer:
 
     async def forward(
         self, backend: BackendState, body: bytes, headers: list[tuple[str, str]], path: bytes
-    ) -> tuple[Response, float]:
+    ) -> tuple[UpstreamResponse, float]:
         """POST the raw body to the backend's /predict; returns its response and the upstream ms."""
         upstream = self.upstreams.get(backend.url)
         if upstream is None:
@@ -177,17 +178,13 @@ class Balancer:
             backend.in_flight -= 1
 
 
-BALANCER_KEY = web.AppKey("balancer", Balancer)
-
-
-def _request_options(request: web.Request, body: bytes) -> tuple[str, int | None]:
+def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple[str, int | None]:
     """policy and number_backend_servers, from the query or a multipart form field (found without parsing)."""
     values = {k: request.query[k] for k in ("policy", "number_backend_servers") if k in request.query}
     # A C-speed substring test first: the regex runs only when such a field is really there.
     if len(values) < 2 and (b'name="number_backend_servers"' in body or b'name="policy"' in body):
         for name, value in _FORM_FIELD.findall(body):
             values.setdefault(name.decode(), value.decode("latin-1").strip())
-    balancer = request.app[BALANCER_KEY]
     policy = values.get("policy", balancer.settings.policy)
     if policy not in POLICIES:
         raise BadParameter(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}.")
@@ -200,22 +197,18 @@ def _request_options(request: web.Request, body: bytes) -> tuple[str, int | None
     return policy, first_k
 
 
-async def submit(request: web.Request) -> web.Response:
-    balancer = request.app[BALANCER_KEY]
+async def submit(balancer: Balancer, request: Request) -> Response:
     start = time.perf_counter()
-    limit = request.app[LIMIT_KEY]
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large(limit)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large(limit) from None
-    policy, first_k = _request_options(request, body)
+    body = request.body  # already bounded by the app's max_body
+    policy, first_k = _request_options(balancer, request, body)
     # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
-    passthrough = [(k, v) for k, v in request.query.items() if k not in ("policy", "number_backend_servers")]
-    path = b"/predict" + (("?" + urlencode(passthrough)).encode() if passthrough else b"")
+    path = b"/predict"
+    if request.query_string:
+        passthrough = [(k, v) for k, v in request.query.items() if k not in ("policy", "number_backend_servers")]
+        if passthrough:
+            path += ("?" + urlencode(passthrough)).encode()
     headers = [
-        ("Content-Type", request.headers.get("Content-Type", "application/octet-stream")),
+        ("Content-Type", request.headers.get("content-type", "application/octet-stream")),
         (log.REQUEST_ID_HEADER, log.request_id.get()),
     ]
     backend = balancer.choose(policy, first_k)
@@ -247,15 +240,13 @@ async def submit(request: web.Request) -> web.Response:
         balancer.pool.record_failure(backend, f"http_{status}", connection=False)
     else:
         balancer.pool.record_success(backend, upstream_ms)
-    out_headers = [
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers if k.lower() not in _HOP_BY_HOP
-    ]
-    out_headers.append(("X-Backend", backend.url))
+    out_headers = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
+    out_headers.append((b"X-Backend", backend.url.encode()))
     payload = response.body
     if status == 200:
         payload = _annotate(payload, backend.url, upstream_ms, (time.perf_counter() - start) * 1000)
     balancer.latency.observe(time.perf_counter() - start)
-    return web.Response(body=payload, status=status, headers=out_headers)
+    return Response(payload, status, out_headers)
 
 
 def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:
@@ -281,27 +272,26 @@ def _annotate(payload: bytes, backend_url: str, upstream_ms: float, total_ms: fl
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _require_admin(request: web.Request) -> None:
-    token = request.app[BALANCER_KEY].settings.admin_token
+def _require_admin(balancer: Balancer, request: Request) -> None:
+    token = balancer.settings.admin_token
     if not token:
         raise Forbidden(
             "Membership changes are disabled: start the balancer with --admin-token or IMGCLASS_ADMIN_TOKEN."
         )
-    supplied = request.headers.get("Authorization", "")
+    supplied = request.headers.get("authorization", "")
     if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
         raise Unauthorized("Send 'Authorization: Bearer <admin token>' to change the backends.")
 
 
-async def list_backends(request: web.Request) -> web.Response:
-    pool = request.app[BALANCER_KEY].pool
+async def list_backends(balancer: Balancer, request: Request) -> Response:
     now = time.monotonic()
-    return json_response([b.snapshot(now) for b in pool.backends])
+    return json_response([b.snapshot(now) for b in balancer.pool.backends])
 
 
-async def add_backend(request: web.Request) -> web.Response:
-    _require_admin(request)
+async def add_backend(balancer: Balancer, request: Request) -> Response:
+    _require_admin(balancer, request)
     try:
-        doc = await request.json()
+        doc = json.loads(request.body)
         raw = doc["url"]
     except (ValueError, KeyError, TypeError):
         raise BadJSON('Send JSON {"url": "http://host:port"}.') from None
@@ -309,16 +299,15 @@ async def add_backend(request: web.Request) -> web.Response:
         url = config.url(str(raw))
     except ValueError as exc:
         raise BadParameter(f"{exc}.") from None
-    state = await request.app[BALANCER_KEY].pool.add(url)
+    state = await balancer.pool.add(url)
     return json_response(state.snapshot(time.monotonic()), 201)
 
 
-async def remove_backend(request: web.Request) -> web.Response:
-    _require_admin(request)
+async def remove_backend(balancer: Balancer, request: Request) -> Response:
+    _require_admin(balancer, request)
     raw = request.query.get("url")
     if not raw:
         raise BadParameter("Pass the backend to remove as ?url=http://host:port.")
-    balancer = request.app[BALANCER_KEY]
     url = raw.rstrip("/")
     balancer.pool.remove(url)
     upstream = balancer.upstreams.pop(url, None)
@@ -327,63 +316,62 @@ async def remove_backend(request: web.Request) -> web.Response:
     return json_response({"removed": url})
 
 
-async def index(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8")
+async def healthz(balancer: Balancer, request: Request) -> Response:
+    return json_response({"status": "alive"})
 
 
-LIMIT_KEY = web.AppKey("limit", int)
-PAGE_KEY = web.AppKey("page", bytes)
+async def metrics(balancer: Balancer, request: Request) -> Response:
+    return Response(generate_latest(balancer.registry), 200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())])
 
 
 def load_page() -> bytes:
     return resources.files("imgclass").joinpath("templates/index.html").read_bytes()
 
 
-def create_app(settings: BalancerSettings, name: str | None = None) -> web.Application:
+def create_app(settings: BalancerSettings, name: str | None = None) -> App:
+    """The balancer as an ASGI app; its pool starts with the app's lifespan."""
     name = name or settings.name or f"{settings.host}:{settings.port}"
     logger = log.get_logger(name, "balancer", settings.log_level)
     balancer = Balancer(settings, name, logger)
-    limit = int(settings.max_upload_mb * 1_000_000)
+    page = load_page()
 
-    def on_done(request: web.Request, status: int, seconds: float) -> None:
+    def on_done(request: Request, status: int, seconds: float) -> None:
         if request.path in ("/submit", "/predict"):
-            logger.info("submit", status=status, ms=f"{seconds * 1000:.2f}")
+            logger.info("submit", status=status, ms=round(seconds * 1000, 2))
 
     # the body limit leaves room for the multipart envelope around a max-size image
-    app = web.Application(client_max_size=limit + 65536, middlewares=[make_middleware(on_done)])
-    app[BALANCER_KEY] = balancer
-    app[LOGGER_KEY] = logger
-    app[REGISTRY_KEY] = balancer.registry
-    app[LIMIT_KEY] = limit + 65536
-    app[PAGE_KEY] = load_page()
-    app.router.add_get("/", index)
-    app.router.add_post("/submit", submit)
-    app.router.add_post("/predict", submit)  # so the model server's curl line works on the balancer too
-    app.router.add_get("/backends", list_backends)
-    app.router.add_post("/backends", add_backend)
-    app.router.add_delete("/backends", remove_backend)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_handler)
+    app = App(logger, int(settings.max_upload_mb * 1_000_000) + 65536, on_done)
 
-    async def start(app: web.Application) -> None:
+    def bind(handler: Callable[[Balancer, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        return functools.partial(handler, balancer)
+
+    async def index(request: Request) -> Response:
+        return Response(page, 200, [(b"Content-Type", b"text/html; charset=utf-8")])
+
+    app.route("GET", "/", index)
+    app.route("POST", "/submit", bind(submit))
+    app.route("POST", "/predict", bind(submit))  # so the model server's curl line works on the balancer too
+    app.route("GET", "/backends", bind(list_backends))
+    app.route("POST", "/backends", bind(add_backend))
+    app.route("DELETE", "/backends", bind(remove_backend))
+    app.route("GET", "/healthz", bind(healthz))
+    app.route("GET", "/metrics", bind(metrics))
+
+    async def start() -> None:
         await balancer.start()
         healthy = sum(b.healthy for b in balancer.pool.backends)
         logger.info("ready", backends=len(balancer.pool.backends), healthy=healthy, policy=settings.policy)
 
-    async def cleanup(app: web.Application) -> None:
-        await balancer.stop()
-
     app.on_startup.append(start)
-    app.on_cleanup.append(cleanup)
+    app.on_shutdown.append(balancer.stop)
     return app
 
 
 def serve(settings: BalancerSettings) -> None:
     sock = bind_socket(settings.host, settings.port)
     name = settings.name or socket_url(sock).removeprefix("http://")
-    logger = log.get_logger(name, "balancer", settings.log_level)
     app = create_app(settings, name)
-    run_async(run_until_signalled(app, sock, logger))
+    run_async(serve_app(app, sock, app.logger))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

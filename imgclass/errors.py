@@ -107,6 +107,18 @@ class NotFound(RequestError):
     code = "not_found"
 
 
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: str) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
+
+
 class Conflict(RequestError):
     status = 409
     code = "conflict"

@@ -7,6 +7,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -81,14 +82,15 @@ def litert_server(spawn: Callable[..., Child]) -> str:
 
 def http(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30
-) -> tuple[int, dict[str, str], bytes]:
-    """One plain HTTP call; 4xx/5xx come back as values, not exceptions."""
+) -> tuple[int, Message, bytes]:
+    """One plain HTTP call; 4xx/5xx come back as values, not exceptions. Header names are
+    case-insensitive, as in HTTP (uvicorn sends them lower-cased, aiohttp capitalised)."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 def multipart(fields: dict[str, tuple[str, bytes, str] | str]) -> tuple[bytes, str]:
@@ -106,13 +108,13 @@ def multipart(fields: dict[str, tuple[str, bytes, str] | str]) -> tuple[bytes, s
     return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
-def post_image(url: str, data: bytes, filename: str = "x.jpg", **extra: str) -> tuple[int, dict[str, str], dict]:
+def post_image(url: str, data: bytes, filename: str = "x.jpg", **extra: str) -> tuple[int, Message, dict]:
     body, ctype = multipart({"image": (filename, data, "application/octet-stream"), **extra})
     status, headers, raw = http("POST", url, body, {"Content-Type": ctype})
     return status, headers, json.loads(raw)
 
 
-def post_json(url: str, doc: object) -> tuple[int, dict[str, str], dict]:
+def post_json(url: str, doc: object) -> tuple[int, Message, dict]:
     status, headers, raw = http("POST", url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
     return status, headers, json.loads(raw)
 
