@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shutil
 import statistics
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import Nginx, cpu_seconds, find_nginx  # noqa: E402
+from common import Nginx, cpu_seconds, find_nginx, run_queue_seconds  # noqa: E402
 
 from imgclass import loadgen  # noqa: E402
 from imgclass.experiment import jpeg_of, multipart  # noqa: E402
@@ -82,7 +83,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--backends", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved half-load rounds per target")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved half-load rounds per target")
+    parser.add_argument("--round-seconds", type=float, default=3.0, help="length of one half-load run")
     parser.add_argument("--service-time", default="const:2ms")
     parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images"))
     args = parser.parse_args()
@@ -121,20 +123,34 @@ def main() -> int:
             sat[name] = (rate, cpu_ms)
         half = sat["imgclass"][0] / 2
         # Interleave the targets over several rounds and take medians: the machine drifts.
-        rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+        # Many short rounds, each target once per round in a shuffled order: the host drifts
+        # (other tenants, frequency), and pairing each proxy with the direct run of its own round
+        # cancels most of that drift.
+        rounds: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in targets}
+        order = random.Random(7)
         for r in range(args.rounds):
-            for name, (url, pids) in targets.items():
-                c0 = cpu_seconds(pids) if pids else 0.0
-                spec = loadgen.LoadSpec(rate=half, duration=args.seconds, warmup=1.0, seed=3 + r)
+            names = list(targets)
+            order.shuffle(names)
+            for name in names:
+                url, pids = targets[name]
+                c0, w0 = (cpu_seconds(pids), run_queue_seconds(pids)) if pids else (0.0, 0.0)
+                spec = loadgen.LoadSpec(rate=half, duration=args.round_seconds, warmup=0.5, seed=3 + r)
                 target = loadgen.Target(url, body, ctype, spread=spread if name == "direct" else ())
                 records, summary = loadgen.run(target, spec)
-                cpu_ms = (cpu_seconds(pids) - c0) / max(len(records), 1) * 1000 if pids else float("nan")
+                n = max(len(records), 1)
+                cpu_ms = (cpu_seconds(pids) - c0) / n * 1000 if pids else float("nan")
+                wait_ms = (run_queue_seconds(pids) - w0) / n * 1000 if pids else float("nan")
                 if summary.errors or summary.dropped:
                     print(f"# warning: {name}: errors {summary.errors} dropped {summary.dropped}")
-                rounds[name].append((summary.latency.p50, summary.latency.p99, cpu_ms))
+                rounds[name].append((summary.latency.p50, summary.latency.p99, cpu_ms, wait_ms))
             print(f"# round {r + 1}/{args.rounds}: " + "  ".join(
                 f"{n} p50 {v[-1][0]:.2f} p99 {v[-1][1]:.2f}" for n, v in rounds.items()), flush=True)  # fmt: skip
-        lat = {name: tuple(statistics.median(x[i] for x in v) for i in range(3)) for name, v in rounds.items()}
+        lat = {name: tuple(statistics.median(x[i] for x in v) for i in range(4)) for name, v in rounds.items()}
+        spread_p50 = {
+            k: statistics.quantiles([a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)], n=4)
+            for k in rounds
+            if k != "direct" and len(rounds[k]) >= 2
+        }
         added = {
             k: (
                 statistics.median(a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)),
@@ -158,12 +174,15 @@ def main() -> int:
         print(f"{label:38}{cells}{r:>8.2f}")
 
     row("CPU ms/request at half load", {k: v[2] for k, v in lat.items() if k != "direct"}, ".3f")
+    row("run-queue wait ms/request at half load", {k: v[3] for k, v in lat.items() if k != "direct"}, ".3f")
     row("CPU ms/request at saturation", {k: v[1] for k, v in sat.items() if k != "direct"}, ".3f")
     row("throughput at saturation (req/s)", {k: v[0] for k, v in sat.items()}, ".0f")
     row(f"p50 ms at half load ({half:.0f} req/s), median", {k: v[0] for k, v in lat.items()}, ".3f")
     row("p99 ms at half load, median", {k: v[1] for k, v in lat.items()}, ".3f")
     row("added p50 ms vs direct, median of rounds", {k: v[0] for k, v in added.items()}, ".3f", ratio=False)
     row("added p99 ms vs direct, median of rounds", {k: v[1] for k, v in added.items()}, ".3f", ratio=False)
+    for k, (q1, _, q3) in spread_p50.items():
+        print(f"# {k}: added p50 over the {args.rounds} rounds, interquartile range {q1:.3f} to {q3:.3f} ms")
     if "nginx" in lat:
         cpu_ratio = lat["imgclass"][2] / lat["nginx"][2]
         print(f"\ntarget: our CPU/request <= 4 x nginx's at half load: {cpu_ratio:.2f} x -> "
@@ -171,7 +190,8 @@ def main() -> int:
     print(f"target: our added p50 <= 1 ms at half load: {added['imgclass'][0]:.3f} ms -> "
           f"{'PASS' if added['imgclass'][0] <= 1 else 'FAIL'}")  # fmt: skip
     print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
-          f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} interleaved rounds")  # fmt: skip
+          f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} rounds of "
+          f"{args.round_seconds:g} s, targets shuffled in each")  # fmt: skip
     return 0
 
 

@@ -49,6 +49,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+def run_queue_seconds(pids: list[int]) -> float:
+    """Time these processes' threads spent runnable but waiting for a core (/proc schedstat)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended between listing and reading
+    return total / 1e9
+
+
 def find_nginx(install: bool = False) -> str | None:
     def found() -> str | None:
         return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
