@@ -16,8 +16,6 @@ from urllib.parse import urlencode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from . import config, log
-from .asgi import App, Request, Response, json_response
-from .asgi import serve as serve_app
 from .errors import (
     BadJSON,
     BadParameter,
@@ -28,6 +26,8 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from .frontend import App, Request, Response, json_response
+from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .policies import POLICIES, make_policies
 from .pool import BackendState, HealthSettings, Pool

@@ -49,6 +49,22 @@ class RequestError(ImgclassError):
     code = "bad_request"
 
 
+class BadRequest(RequestError):
+    """Malformed HTTP: the request could not be parsed."""
+
+    code = "bad_request"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(RequestError):
+    status = 431
+    code = "headers_too_large"
+
+
 class MissingField(RequestError):
     code = "missing_field"
 

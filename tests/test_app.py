@@ -1,4 +1,4 @@
-"""In-process app tests: the model server on aiohttp's test server, the balancer's ASGI app called directly."""
+"""In-process app tests: the model server on aiohttp's test server, the balancer's app called directly."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from imgclass import asgi, balancer, server
+from imgclass import balancer, frontend, server
 
 from .conftest import multipart
 
@@ -69,31 +69,13 @@ def test_server_app_readyz_goes_503_on_shutdown(model_dir: Path) -> None:
     asyncio.run(scenario())
 
 
-async def _asgi(
-    app: asgi.App, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, query: str = ""
+async def _call(
+    app: frontend.App, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, query: str = ""
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request through the ASGI interface, as uvicorn would make it."""
-    scope = {
-        "type": "http", "method": method, "path": path, "query_string": query.encode(),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-    }  # fmt: skip
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return pending.pop() if pending else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start, rest = sent[0], sent[1:]
-    assert start["type"] == "http.response.start"
-    return (
-        start["status"],
-        {k.decode().lower(): v.decode() for k, v in start["headers"]},
-        b"".join(m.get("body", b"") for m in rest),
-    )
+    """One request straight into the app, as the front end hands it over."""
+    lower = {k.lower(): v for k, v in (headers or {}).items()}
+    response = await app.handle(frontend.Request(method, path, query.encode(), lower, body))
+    return response.status, {k.decode().lower(): v.decode() for k, v in response.headers}, response.body
 
 
 def test_balancer_app_forwards_in_process(model_dir: Path) -> None:
@@ -105,26 +87,23 @@ def test_balancer_app_forwards_in_process(model_dir: Path) -> None:
         await app.startup()
         try:
             body, ctype = multipart({"image": ("x.jpg", _jpeg(), "image/jpeg")})
-            status, headers, raw = await _asgi(
+            status, headers, raw = await _call(
                 app, "POST", "/submit", body, {"Content-Type": ctype, "X-Request-ID": "inproc-1"}
             )
             doc = json.loads(raw)
             assert status == 200 and doc["backend"] == url, raw
             assert headers["x-request-id"] == "inproc-1" and headers["x-backend"] == url
             assert doc["timing_ms"]["upstream"] > 0 and doc["timing_ms"]["balancer"] >= 0
-            status, _, _ = await _asgi(app, "POST", "/predict", body, {"Content-Type": ctype}, query="top=3")
+            status, _, _ = await _call(app, "POST", "/predict", body, {"Content-Type": ctype}, query="top=3")
             assert status == 200
-            status, _, raw = await _asgi(app, "GET", "/backends")
+            status, _, raw = await _call(app, "GET", "/backends")
             listed = json.loads(raw)
             assert listed[0]["served"] == 2 and listed[0]["latency_p50_ms"] > 0
-            status, headers, raw = await _asgi(app, "GET", "/submit")
+            status, headers, raw = await _call(app, "GET", "/submit")
             assert status == 405 and headers["allow"] == "POST" and json.loads(raw)["error"] == "method_not_allowed"
-            status, _, raw = await _asgi(app, "GET", "/nowhere")
+            status, _, raw = await _call(app, "GET", "/nowhere")
             assert status == 404 and json.loads(raw)["error"] == "not_found"
-            big = b"x" * int(settings.max_upload_mb * 1_000_000 + 70_000)
-            status, headers, raw = await _asgi(app, "POST", "/submit", big, {"Content-Length": str(len(big))})
-            assert status == 413 and headers["connection"] == "close"
-            status, _, raw = await _asgi(app, "POST", "/submit", body, {"Content-Type": ctype}, query="policy=nope")
+            status, _, raw = await _call(app, "POST", "/submit", body, {"Content-Type": ctype}, query="policy=nope")
             assert status == 400 and json.loads(raw)["error"] == "bad_parameter"
         finally:
             await app.shutdown()
