@@ -137,8 +137,7 @@ def test_declared_oversize_body_is_413_before_upload_and_closes(running: Running
 def test_chunked_bodies_are_read_and_limited(running: Running) -> None:
     with connect(running.port) as conn:
         conn.sendall(
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"
         )
         status, _, body = read_response(conn, bytearray())
         assert status == 200 and json.loads(body)["length"] == 7
