@@ -208,7 +208,7 @@ async def submit(balancer: Balancer, request: Request) -> Response:
         if passthrough:
             path += ("?" + urlencode(passthrough)).encode()
     headers = [
-        ("Content-Type", request.headers.get("content-type", "application/octet-stream")),
+        ("Content-Type", request.content_type or "application/octet-stream"),
         (log.REQUEST_ID_HEADER, log.request_id.get()),
     ]
     backend = balancer.choose(policy, first_k)

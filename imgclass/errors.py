@@ -148,6 +148,11 @@ class ServiceError(ImgclassError):
     code = "internal_error"
 
 
+def unexpected() -> ServiceError:
+    """What a client sees for a bug: one 500 whose details stay in the log."""
+    return ServiceError("An unexpected error occurred; it has been logged.")
+
+
 class Overloaded(ServiceError):
     """The bounded queue is full: shed load instead of queueing without bound."""
 

@@ -30,7 +30,15 @@ from urllib.parse import parse_qsl
 import httptools
 
 from . import log
-from .errors import BadRequest, HeadersTooLarge, ImgclassError, MethodNotAllowed, NotFound, RequestTimeout
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ImgclassError,
+    MethodNotAllowed,
+    NotFound,
+    RequestTimeout,
+    unexpected,
+)
 from .httpapp import socket_url
 from .payload import too_large
 
@@ -241,8 +249,8 @@ class _Connection(asyncio.Protocol):
     async def _handle(self, request: Request, keep_alive: bool) -> None:
         try:
             response = await self.server.handler(request)
-        except Exception as exc:  # the handler turns errors into responses; this is a last resort
-            response = json_response({"error": "internal_error", "message": f"{type(exc).__name__}"}, 500)
+        except Exception:  # App.handle turns errors into responses; this is a last resort
+            response = error_response(unexpected())
         self._write(
             response, keep_alive and not self.server.draining and not self.closing, head=request.method == "HEAD"
         )
@@ -403,9 +411,7 @@ class App:
             self.logger.info("error", path=request.path, status=exc.status, code=exc.code, message=exc.message)
         except Exception as exc:  # the service stays up: a bug becomes one 500, logged
             self.logger.error("exception", path=request.path, type=type(exc).__name__, message=str(exc))
-            response = json_response(
-                {"error": "internal_error", "message": "An unexpected error occurred; it has been logged."}, 500
-            )
+            response = error_response(unexpected())
         response.headers.append((b"X-Request-ID", rid.encode("latin-1")))
         if self.on_done is not None:
             self.on_done(request, response.status, time.perf_counter() - start)

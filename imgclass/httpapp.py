@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import log
-from .errors import ImgclassError
+from .errors import ImgclassError, unexpected
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,9 +61,7 @@ def make_middleware(on_done: Callable[[web.Request, int, float], None] | None = 
                 response.headers["Allow"] = exc.headers.get("Allow", "")
         except Exception as exc:  # the service stays up: a bug becomes one 500, logged
             logger.error("exception", path=request.path, type=type(exc).__name__, message=str(exc))
-            response = json_response(
-                {"error": "internal_error", "message": "An unexpected error occurred; it has been logged."}, 500
-            )
+            response = error_response(unexpected())
         response.headers[log.REQUEST_ID_HEADER] = rid
         if on_done is not None:
             on_done(request, response.status, time.perf_counter() - start)

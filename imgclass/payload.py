@@ -48,13 +48,15 @@ async def read_image(request: web.Request, limit: int) -> bytes:
     """Return the uploaded image bytes, enforcing `limit` even for chunked uploads."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        return await _read_multipart(request, limit)
     try:
-        body = await request.read()  # client_max_size is set to `limit`
+        # client_max_size is `limit`, so buffering the whole body is safe; for multipart, one
+        # C-assisted pass over it costs ~0.03 ms, where aiohttp's streaming reader spent 0.2-0.5 ms.
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        return image_from_multipart(body, request.headers.get("Content-Type", ""))
     if not body:
         raise EmptyBody('The request body is empty; send multipart field \'image\' or JSON {"image": "<base64>"}.')
     if ctype == "application/json":
@@ -64,18 +66,6 @@ async def read_image(request: web.Request, limit: int) -> bytes:
     raise MissingField(
         f'Unsupported Content-Type {ctype or "none"!r}; send multipart field \'image\' or JSON {{"image": "<base64>"}}.'
     )
-
-
-async def _read_multipart(request: web.Request, limit: int) -> bytes:
-    # The body is already bounded by client_max_size, so buffering it whole is safe; one
-    # C-assisted pass over it costs ~0.03 ms, where aiohttp's streaming reader spent ~0.2-0.5 ms.
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large(limit) from None
-    if len(body) > limit:
-        raise too_large(limit)
-    return image_from_multipart(body, request.headers.get("Content-Type", ""))
 
 
 class _ImageField:
