@@ -44,8 +44,13 @@ def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(probs[i])) for i in idx]
 
 
-def run_batch(engine: Engine, decode: Decoder, jobs: list[Job], picked: float) -> list[Result | ImgclassError]:
-    """Decode and classify `jobs` in the calling (worker) thread; `picked` is when the worker took them."""
+def run_batch(engine: Engine, decode: Decoder, jobs: list[Job]) -> list[Result | ImgclassError]:
+    """Decode and classify `jobs` in the calling (worker) thread.
+
+    queue_ms runs until this thread starts on the jobs, so the hand-off from the event loop counts
+    as waiting, and queue + decode + infer is the whole time a job spent in the server's station.
+    """
+    picked = time.perf_counter()
     out: list[Result | ImgclassError | None] = [None] * len(jobs)
     arrays: list[np.ndarray] = []
     slots: list[int] = []
@@ -172,7 +177,7 @@ class Batcher:
             self.busy += 1
             picked = time.perf_counter()
             try:
-                results = await loop.run_in_executor(executor, run_batch, engine, self._decode, jobs, picked)
+                results = await loop.run_in_executor(executor, run_batch, engine, self._decode, jobs)
             except Exception as exc:  # an engine failure must fail its jobs, not kill the worker
                 results = [exc] * len(jobs)
             finally:
