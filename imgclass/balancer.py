@@ -199,7 +199,7 @@ def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple
 
 async def submit(balancer: Balancer, request: Request) -> Response:
     start = time.perf_counter()
-    body = request.body  # already bounded by the app's max_body
+    body = request.body  # already bounded by the front end
     policy, first_k = _request_options(balancer, request, body)
     # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
     path = b"/predict"
@@ -339,8 +339,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
         if request.path in ("/submit", "/predict"):
             logger.info("submit", status=status, ms=round(seconds * 1000, 2))
 
-    # the body limit leaves room for the multipart envelope around a max-size image
-    app = App(logger, int(settings.max_upload_mb * 1_000_000) + 65536, on_done)
+    app = App(logger, int(settings.max_upload_mb * 1_000_000), on_done)
 
     def bind(handler: Callable[[Balancer, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         return functools.partial(handler, balancer)

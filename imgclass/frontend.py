@@ -89,7 +89,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class Limits:
-    max_body: int
+    max_upload: int  # the stated limit, as in --max-upload-mb
+    envelope: int = 65536  # room for the multipart wrapping around a max-size image
+
+    @property
+    def max_body(self) -> int:
+        return self.max_upload + self.envelope
+
     max_header_bytes: int = 64 * 1024
     keep_alive_s: float = 75.0  # nginx's keepalive_timeout: clients can reuse idle connections
     request_timeout_s: float = 60.0  # from a request's first byte to its last
@@ -203,7 +209,7 @@ class _Connection(asyncio.Protocol):
         length = self.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limits.max_body:
             self.rejected = True  # answer now, without inviting or reading the upload
-            self._fail(too_large(self.limits.max_body))
+            self._fail(too_large(self.limits.max_upload))
         elif self.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(_CONTINUE)
 
@@ -213,7 +219,7 @@ class _Connection(asyncio.Protocol):
         self.size += len(body)
         if self.size > self.limits.max_body:
             self.rejected = True
-            self._fail(too_large(self.limits.max_body))
+            self._fail(too_large(self.limits.max_upload))
             return
         self.chunks.append(body)
 
@@ -371,10 +377,10 @@ class App:
     """Routes by exact path and method; every failure becomes a JSON error; one log line per request."""
 
     def __init__(
-        self, logger: log.EventLogger, max_body: int, on_done: Callable[[Request, int, float], None] | None = None
+        self, logger: log.EventLogger, max_upload: int, on_done: Callable[[Request, int, float], None] | None = None
     ) -> None:
         self.logger = logger
-        self.max_body = max_body
+        self.max_upload = max_upload
         self.on_done = on_done
         self.routes: dict[str, dict[str, Handler]] = {}
         self.on_startup: list[Hook] = []
@@ -420,7 +426,7 @@ class App:
 
 async def serve(app: App, sock: socket.socket, logger: log.EventLogger, shutdown_timeout: float = 30.0) -> None:
     """Serve `app` on the bound socket until SIGINT/SIGTERM, then drain in-flight requests."""
-    front = FrontEnd(app.handle, Limits(max_body=app.max_body))
+    front = FrontEnd(app.handle, Limits(max_upload=app.max_upload))
     await app.startup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

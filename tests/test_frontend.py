@@ -15,7 +15,7 @@ import pytest
 from imgclass import frontend, log
 from imgclass.httpapp import bind_socket
 
-LIMITS = frontend.Limits(max_body=100_000, max_header_bytes=8192, keep_alive_s=1.0, request_timeout_s=0.5)
+LIMITS = frontend.Limits(max_upload=100_000, envelope=0, max_header_bytes=8192, keep_alive_s=1.0, request_timeout_s=0.5)
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Running:
 
 @pytest.fixture
 def running() -> Iterator[Running]:
-    app = frontend.App(log.get_logger("test", "frontend", "WARNING"), max_body=LIMITS.max_body)
+    app = frontend.App(log.get_logger("test", "frontend", "WARNING"), max_upload=LIMITS.max_upload)
 
     async def echo(request: frontend.Request) -> frontend.Response:
         doc = {"method": request.method, "length": len(request.body), "query": request.query}
@@ -131,6 +131,7 @@ def test_declared_oversize_body_is_413_before_upload_and_closes(running: Running
         status, headers, body = read_response(conn, bytearray())
         assert status == 413 and headers["connection"] == "close"
         assert json.loads(body)["error"] == "payload_too_large"
+        assert "0.1 MB limit" in json.loads(body)["message"]  # the configured limit, not limit + envelope
         assert closed_by_server(conn)
 
 
