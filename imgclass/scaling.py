@@ -72,11 +72,11 @@ def stress(url: str, body: bytes, ctype: str, clients: int, timeout: float = 60.
     async def burst() -> tuple[loadgen.Records, float]:
         records = loadgen.Records()
         loop = asyncio.get_running_loop()
-        async with loadgen.make_session(clients, timeout) as session:
+        async with loadgen.Client(clients, timeout) as client:
             start = loop.time()
 
             async def one() -> None:
-                out = await loadgen.send(session, url, body, {"Content-Type": ctype})
+                out = await loadgen.send(client, url, body, [("Content-Type", ctype)])
                 records.add(0.0, 0.0, loop.time() - start, out.status, out.backend, out.error)
 
             await asyncio.gather(*(one() for _ in range(clients)))
