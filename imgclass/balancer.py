@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlencode
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import config, log
 from .errors import (
@@ -22,6 +22,8 @@ from .errors import (
     ConfigError,
     Forbidden,
     NoBackendAvailable,
+    QueueFull,
+    QueueTimeout,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
@@ -31,12 +33,14 @@ from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .policies import POLICIES, make_policies
 from .pool import BackendState, HealthSettings, Pool
+from .slots import Slots
 from .upstream import HostPool, ReadTimeout, UpstreamFailure
 from .upstream import Response as UpstreamResponse
 
 BALANCER_OPTIONS = [
     "host", "port", "name", "log_level", "backends", "backends_file", "cluster", "policy", "health_interval", "fall",
-    "rise", "eject_seconds", "timeout", "connect_timeout", "admin_token", "max_upload_mb", "seed",
+    "rise", "eject_seconds", "timeout", "connect_timeout", "max_conn", "queue_size", "queue_timeout", "admin_token",
+    "max_upload_mb", "seed",
 ]  # fmt: skip
 
 _FORM_FIELD = re.compile(rb'name="(number_backend_servers|policy)"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{0,64})\r\n')
@@ -71,6 +75,9 @@ class BalancerSettings:
     eject_seconds: float
     timeout: float
     connect_timeout: float
+    max_conn: int
+    queue_size: int
+    queue_timeout: float
     admin_token: str | None
     max_upload_mb: float
     seed: int | None
@@ -118,6 +125,8 @@ class Balancer:
             ),
             logger,
         )
+        self.slots = Slots(self.pool, settings.max_conn, settings.queue_size, settings.queue_timeout)
+        self.pool.on_available = self.slots.kick
         self.policies = make_policies(settings.seed)
         self.upstreams: dict[str, HostPool] = {}
         self.registry = CollectorRegistry()
@@ -137,6 +146,17 @@ class Balancer:
         self.no_backend = Counter(
             "imgclass_balancer_no_backend", "Requests refused: no healthy backend", registry=self.registry
         )
+        self.queue_wait = Histogram(
+            "imgclass_balancer_queue_seconds", "Wait for a free backend slot (with --max-conn)",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10), registry=self.registry,
+        )  # fmt: skip
+        self.queue_length = Gauge(
+            "imgclass_balancer_queued", "Requests waiting for a free backend slot", registry=self.registry
+        )
+        self.queue_length.set_function(lambda: len(self.slots.queue))
+        self.refused = Counter(
+            "imgclass_balancer_queue_refused", "Requests refused by the queue", ["reason"], registry=self.registry
+        )
 
     async def start(self) -> None:
         await self.pool.start()
@@ -153,13 +173,26 @@ class Balancer:
             child = self._counters[(url, status)] = self.requests.labels(url, str(status))
         child.inc()
 
-    def choose(self, policy: str, first_k: int | None, exclude: BackendState | None = None) -> BackendState:
-        candidates = self.pool.candidates(first_k, exclude)
-        if not candidates:
+    async def acquire(
+        self, policy: str, first_k: int | None, exclude: BackendState | None = None
+    ) -> tuple[BackendState, float]:
+        """A backend with a slot taken for this request, and the ms spent waiting for it."""
+        start = time.perf_counter()
+        try:
+            backend = await self.slots.acquire(self.policies[policy], first_k, exclude)
+        except NoBackendAvailable:
             self.no_backend.inc()
-            scope = f"among the first {first_k} backends " if first_k else ""
-            raise NoBackendAvailable(f"No healthy model server {scope}is available; retry shortly.", retry_after=1)
-        return self.policies[policy].choose(candidates)  # type: ignore[return-value]
+            raise
+        except QueueFull:
+            self.refused.labels("full").inc()
+            raise
+        except QueueTimeout:
+            self.refused.labels("timeout").inc()
+            raise
+        waited = time.perf_counter() - start
+        if self.settings.max_conn:
+            self.queue_wait.observe(waited)
+        return backend, waited * 1000
 
     async def forward(
         self, backend: BackendState, body: bytes, headers: list[tuple[str, str]], path: bytes
@@ -169,13 +202,12 @@ class Balancer:
         if upstream is None:
             upstream = HostPool(backend.url, self.settings.connect_timeout, self.settings.timeout)
             self.upstreams[backend.url] = upstream
-        backend.in_flight += 1
         start = time.perf_counter()
         try:
             response = await upstream.request(path, headers, body)
             return response, (time.perf_counter() - start) * 1000
         finally:
-            backend.in_flight -= 1
+            self.slots.release(backend)
 
 
 def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple[str, int | None]:
@@ -211,7 +243,7 @@ async def submit(balancer: Balancer, request: Request) -> Response:
         ("Content-Type", request.content_type or "application/octet-stream"),
         (log.REQUEST_ID_HEADER, log.request_id.get()),
     ]
-    backend = balancer.choose(policy, first_k)
+    backend, queued_ms = await balancer.acquire(policy, first_k)
     try:
         response, upstream_ms = await balancer.forward(backend, body, headers, path)
     except UpstreamFailure as exc:
@@ -221,7 +253,8 @@ async def submit(balancer: Balancer, request: Request) -> Response:
         balancer.count(backend.url, "error")
         balancer.retries.inc()
         failed = backend
-        backend = balancer.choose(policy, first_k, exclude=failed)
+        backend, waited = await balancer.acquire(policy, first_k, exclude=failed)
+        queued_ms += waited
         balancer.logger.warning("retry", failed=failed.url, reason=exc.reason, to=backend.url)
         try:
             response, upstream_ms = await balancer.forward(backend, body, headers, path)
@@ -244,7 +277,7 @@ async def submit(balancer: Balancer, request: Request) -> Response:
     out_headers.append((b"X-Backend", backend.url.encode()))
     payload = response.body
     if status == 200:
-        payload = _annotate(payload, backend.url, upstream_ms, (time.perf_counter() - start) * 1000)
+        payload = _annotate(payload, backend.url, upstream_ms, queued_ms, (time.perf_counter() - start) * 1000)
     balancer.latency.observe(time.perf_counter() - start)
     return Response(payload, status, out_headers)
 
@@ -255,9 +288,14 @@ def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:
     return UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.")
 
 
-def _annotate(payload: bytes, backend_url: str, upstream_ms: float, total_ms: float) -> bytes:
-    """Add backend and timing_ms.{upstream,balancer} to the server's JSON answer."""
-    extra = f'"upstream":{upstream_ms:.3f},"balancer":{total_ms - upstream_ms:.3f},'.encode()
+def _annotate(payload: bytes, backend_url: str, upstream_ms: float, queued_ms: float, total_ms: float) -> bytes:
+    """Add backend and timing_ms.{upstream,queued,balancer} to the server's JSON answer.
+
+    balancer is all the time spent at the balancer outside the upstream call; queued is the part
+    of it spent waiting for a free slot (0 without --max-conn).
+    """
+    balancer_ms = total_ms - upstream_ms
+    extra = f'"upstream":{upstream_ms:.3f},"queued":{queued_ms:.3f},"balancer":{balancer_ms:.3f},'.encode()
     at = payload.find(b'"timing_ms":{')
     # Our model server's answer is compact JSON ending in '}': splice instead of a parse and re-encode.
     if at >= 0 and payload.endswith(b"}") and payload[at + 13 : at + 14] == b'"':
@@ -268,7 +306,8 @@ def _annotate(payload: bytes, backend_url: str, upstream_ms: float, total_ms: fl
     doc["backend"] = backend_url
     timing = doc.setdefault("timing_ms", {})
     timing["upstream"] = round(upstream_ms, 3)
-    timing["balancer"] = round(total_ms - upstream_ms, 3)
+    timing["queued"] = round(queued_ms, 3)
+    timing["balancer"] = round(balancer_ms, 3)
     return json.dumps(doc, separators=(",", ":")).encode()
 
 

@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .process import Child, ChildFailed, stop_all
 
 UP_OPTIONS = ["servers", "host", "port", "backend", "model_dir", "service_time", "policy", "threads", "max_batch",
-              "max_queue", "seed", "admin_token", "log_level"]  # fmt: skip
+              "max_queue", "max_conn", "queue_size", "queue_timeout", "seed", "admin_token", "log_level"]  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,9 @@ class LocalCluster:
             self.servers = [Child(_server_args(self.ns, i + 1), echo=self.echo) for i in range(self.ns.servers)]
             urls = [child.wait_url() for child in self.servers]
             args = ["balance", "--host", self.ns.host, "--port", str(self.ns.port), "--backends", ",".join(urls),
-                    "--policy", self.ns.policy, "--name", "balancer", "--log-level", self.ns.log_level]  # fmt: skip
+                    "--policy", self.ns.policy, "--name", "balancer", "--log-level", self.ns.log_level,
+                    "--max-conn", str(self.ns.max_conn), "--queue-size", str(self.ns.queue_size),
+                    "--queue-timeout", str(self.ns.queue_timeout)]  # fmt: skip
             if self.ns.seed is not None:
                 args += ["--seed", str(self.ns.seed)]
             env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None

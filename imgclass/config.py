@@ -164,6 +164,14 @@ OPTIONS: dict[str, Option] = {
         Option("eject_seconds", positive_float, 5.0, "how long a backend is ejected after an error"),
         Option("timeout", positive_float, 30.0, "read timeout to a backend, in seconds (504 after)"),
         Option("connect_timeout", positive_float, 1.0, "connect timeout to a backend, in seconds"),
+        Option(
+            "max_conn",
+            non_negative_int,
+            0,
+            "requests in flight per backend; more wait in the balancer's queue (0 = no limit)",
+        ),
+        Option("queue_size", positive_int, 1024, "requests that may wait at the balancer for a slot before 503"),
+        Option("queue_timeout", positive_float, 10.0, "seconds a request may wait at the balancer before 503"),
         Option("admin_token", str, None, "bearer token for POST/DELETE /backends (unset: disabled)"),
         # local cluster
         Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts"),

@@ -160,6 +160,18 @@ class Overloaded(ServiceError):
     code = "overloaded"
 
 
+class QueueFull(Overloaded):
+    """The balancer's queue for a free model server is at --queue-size."""
+
+    code = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    """A request waited --queue-timeout seconds at the balancer without a free model server."""
+
+    code = "queue_timeout"
+
+
 class NotReady(ServiceError):
     status = 503
     code = "not_ready"

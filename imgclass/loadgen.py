@@ -183,6 +183,7 @@ class Outcome:
     backend: str
     error: str  # "" on success
     station_ms: float = math.nan
+    upstream_ms: float = math.nan
 
 
 async def send(client: Client, url: str, body: bytes, headers: list[tuple[str, str]], station: bool = False) -> Outcome:
@@ -194,7 +195,9 @@ async def send(client: Client, url: str, body: bytes, headers: list[tuple[str, s
     payload, status, backend = response.body, response.status, _backend_of(response)
     if status != 200:
         return Outcome(status, backend, f"http_{status}")
-    return Outcome(status, backend, "", _station_ms(payload) if station else math.nan)
+    if not station:
+        return Outcome(status, backend, "")
+    return Outcome(status, backend, "", *_timings(payload))
 
 
 def _headers(target: Target) -> list[tuple[str, str]]:
@@ -202,13 +205,23 @@ def _headers(target: Target) -> list[tuple[str, str]]:
     return list(merged.items())
 
 
-def _station_ms(payload: bytes) -> float:
-    """Time the request spent at the model server's queueing station: queue + decode + inference."""
+def _timings(payload: bytes) -> tuple[float, float]:
+    """(station, upstream) ms from the answer's timing_ms.
+
+    station: time queued at the balancer waiting for a slot, plus the model server's queueing
+    station (queue + decode + inference). upstream: the balancer's call to the server, i.e. how
+    long the request held its slot there. NaN where the answer does not say.
+    """
     try:
         timing = json.loads(payload)["timing_ms"]
-        return float(timing["queue"]) + float(timing["decode"]) + float(timing["infer"])
+        station = float(timing.get("queued", 0.0)) + float(timing["queue"]) + float(timing["decode"])
+        station += float(timing["infer"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return math.nan, math.nan
+    try:
+        return station, float(timing["upstream"])
     except (ValueError, KeyError, TypeError):
-        return math.nan
+        return station, math.nan
 
 
 async def open_loop(
@@ -246,7 +259,9 @@ async def open_loop(
             finally:
                 in_flight -= 1
                 completed += 1
-            records.add(intended, sent, clock() - start, out.status, out.backend, out.error, out.station_ms)
+            records.add(
+                intended, sent, clock() - start, out.status, out.backend, out.error, out.station_ms, out.upstream_ms
+            )
 
         def launch(due: list[float]) -> None:
             nonlocal in_flight

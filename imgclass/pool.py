@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -65,6 +66,8 @@ class Pool:
         self.backends: list[BackendState] = [BackendState(url) for url in dict.fromkeys(urls)]
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # called when backends may have become available (up, added, ejection over)
+        self.on_available: Callable[[], None] = lambda: None
 
     def candidates(self, first_k: int | None = None, exclude: BackendState | None = None) -> list[BackendState]:
         now = time.monotonic()
@@ -82,6 +85,7 @@ class Pool:
         self.logger.info("backend_added", url=url)
         if self._session is not None:
             await self._check(state, first=True)
+        self.on_available()
         return state
 
     def remove(self, url: str) -> None:
@@ -129,6 +133,7 @@ class Pool:
         while True:
             await asyncio.sleep(self.settings.interval)
             await asyncio.gather(*(self._check(b) for b in list(self.backends)))
+            self.on_available()  # ejections run out with time, not with an event
 
     async def _check(self, backend: BackendState, first: bool = False) -> None:
         assert self._session is not None
@@ -145,6 +150,7 @@ class Pool:
                 backend.healthy = True
                 backend.ejected_until = 0.0
                 self.logger.info("backend_up", url=backend.url)
+                self.on_available()
         else:
             backend.check_fails += 1
             backend.check_passes = 0

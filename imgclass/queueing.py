@@ -39,13 +39,30 @@ def mmc_mean_response(arrival_rate: float, service_rate: float, servers: int) ->
     return wait + 1.0 / service_rate
 
 
-def theory_mean_response(policy: str, arrival_rate: float, mean_service: float, servers: int) -> float | None:
+def mmc_held_mean_response(arrival_rate: float, mean_service: float, mean_hold: float, servers: int) -> float:
+    """Mean time in system of a central queue in front of c slots, each held `mean_hold` per job.
+
+    The balancer's queue with --max-conn 1: a slot is taken from dispatch until the answer is
+    back, so it is held for the service plus the dispatch round trip, while the job itself is
+    only served for `mean_service`. The wait is Erlang C's with service rate 1/mean_hold.
+    """
+    held = mmc_mean_response(arrival_rate, 1.0 / mean_hold, servers)
+    return held - mean_hold + mean_service
+
+
+def theory_mean_response(
+    policy: str, arrival_rate: float, mean_service: float, servers: int, mean_hold: float | None = None
+) -> float | None:
     """Mean response time (s) the model predicts for `policy`, or None where no model applies.
 
     random: each of n servers is M/M/1 with arrival rate lambda/n (Poisson splitting).
     least_outstanding: approximately M/M/c (a central queue; dispatching at once to the least
     busy server is join-the-shortest-queue, which is close to, and never better than, M/M/c).
+    mean_hold given: the balancer queues centrally (--max-conn 1), which is M/M/c for every
+    policy, since the policy only chooses among idle servers.
     """
+    if mean_hold is not None:
+        return mmc_held_mean_response(arrival_rate, mean_service, mean_hold, servers)
     mu = 1.0 / mean_service
     if policy == "random":
         return mm1_mean_response(arrival_rate / servers, mu)

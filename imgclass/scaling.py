@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="start a local cluster (sleep backend) with max(n) servers")
     p.add_argument("--backend", default="sleep", help="--local: model backend [default sleep]")
     p.add_argument("--service-time", default="exp:20ms", help="--local sleep backend: service times [default exp:20ms]")
+    p.add_argument("--max-conn", type=int, default=0, metavar="K",
+                   help="--local: balancer --max-conn; 1 queues centrally at the balancer, the M/M/c of the theory "
+                        "for every policy [default 0: each server queues its own]")  # fmt: skip
     p.add_argument("--service-ms", type=float, help="mean service time (ms) for --loads and theory without --local")
     p.add_argument("--image-size", type=int, default=64, help="side of the square JPEG sent [default 64]")
     p.add_argument("--image", help="source photo [default ../shared/images/cat_720p.jpg]")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     with target_service(args, args.local, servers=max(servers), backend=args.backend,
-                        service_time=args.service_time, seed=args.seed) as base:  # fmt: skip
+                        service_time=args.service_time, seed=args.seed, max_conn=args.max_conn) as base:  # fmt: skip
         for n in servers:
             for policy in policies:
                 for rate, rho in _rates(args, n, mean_service):
@@ -130,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     records, summary = loadgen.run(
                         loadgen.Target(url, body, ctype), spec, not args.quiet, label, station=True
                     )
+                    # With one slot per server the balancer's queue is the M/M/c queue; its
+                    # slots are held for the service plus the dispatch round trip, as measured.
+                    central = args.local and args.max_conn == 1 and math.isfinite(summary.upstream_mean_ms)
+                    hold = summary.upstream_mean_ms / 1000 if central else None
                     theory_s = (
-                        theory_mean_response(policy, rate, mean_service, n) if exponential and mean_service else None
+                        theory_mean_response(policy, rate, mean_service, n, hold)
+                        if exponential and mean_service
+                        else None
                     )
                     queue_ms = theory_s * 1000 if theory_s is not None and math.isfinite(theory_s) else None
                     # The model covers the server's queue and service; the network, HTTP and balancer
@@ -151,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         "jsq_sim_ms": round(
                             simulate_jsq_mean_response(rate, 1 / mean_service, n, seed=args.seed) * 1000 + overhead, 3
                         )
-                        if policy == "least_outstanding" and queue_ms
+                        if policy == "least_outstanding" and queue_ms and not central
                         else None,
+                        "max_conn": args.max_conn if args.local else None,
                         "backends_used": len(summary.backends),
                     }
                     rows.append(row)

@@ -100,11 +100,12 @@ class Records:
     status: list[int] = field(default_factory=list)  # 0 when there was no HTTP response
     backend: list[str] = field(default_factory=list)
     error: list[str] = field(default_factory=list)  # "" on success; DROPPED if never sent
-    station: list[float] = field(default_factory=list)  # ms at the server's queue+service, if known
+    station: list[float] = field(default_factory=list)  # ms queued at the balancer + at the server, if known
+    upstream: list[float] = field(default_factory=list)  # ms the balancer's call to the server took, if known
 
     def add(
         self, intended: float, sent: float, done: float, status: int, backend: str, error: str,
-        station: float = math.nan,
+        station: float = math.nan, upstream: float = math.nan,
     ) -> None:  # fmt: skip
         self.intended.append(intended)
         self.sent.append(sent)
@@ -113,6 +114,7 @@ class Records:
         self.backend.append(backend)
         self.error.append(error)
         self.station.append(station)
+        self.upstream.append(upstream)
 
     def __len__(self) -> int:
         return len(self.intended)
@@ -126,16 +128,19 @@ class Records:
             "backend": np.asarray(self.backend, dtype=object),
             "error": np.asarray(self.error, dtype=object),
             "station": np.asarray(self.station, np.float64),
+            "upstream": np.asarray(self.upstream, np.float64),
         }
 
     def save_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error", "station_ms"])
+            writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error", "station_ms",
+                             "upstream_ms"])  # fmt: skip
             rows = zip(self.intended, self.sent, self.done, self.status, self.backend, self.error, self.station,
-                       strict=True)  # fmt: skip
+                       self.upstream, strict=True)  # fmt: skip
             for row in rows:
-                writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:6], f"{row[6]:.3f}"])
+                writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:6], f"{row[6]:.3f}",
+                                 f"{row[7]:.3f}"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,9 @@ class RunSummary:
     latency: LatencySummary  # successful requests, from the *intended* send time
     send_lag_p99_ms: float  # how late the generator itself was
     backends: dict[str, int]
-    station_mean_ms: float = math.nan  # mean time at the server's queue+service (when recorded)
+    station_mean_ms: float = math.nan  # mean time queued (balancer, server) and in service, when recorded
     path_overhead_ms: float = math.nan  # mean latency outside it: network, HTTP, balancer, generator
+    upstream_mean_ms: float = math.nan  # mean of the balancer's calls to the servers: how long a slot is held
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -188,6 +194,7 @@ class RunSummary:
             "send_lag_p99_ms": self.send_lag_p99_ms,
             "station_mean_ms": self.station_mean_ms,
             "path_overhead_ms": self.path_overhead_ms,
+            "upstream_mean_ms": self.upstream_mean_ms,
         }
         return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -208,6 +215,8 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
     known = ~np.isnan(station)
     station_mean = float(station[known].mean()) if known.any() else math.nan
     overhead = float((latencies[known] - station[known]).mean()) if known.any() else math.nan
+    upstream = a["upstream"][ok]
+    upstream = upstream[~np.isnan(upstream)]
     return RunSummary(
         offered_rate=offered_rate,
         scheduled_rate=int(in_window.sum()) / duration,
@@ -223,6 +232,7 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
         backends=dict(Counter(str(b) for b in a["backend"][ok])),
         station_mean_ms=station_mean,
         path_overhead_ms=overhead,
+        upstream_mean_ms=float(upstream.mean()) if upstream.size else math.nan,
     )
 
 

@@ -117,8 +117,8 @@ def test_annotate_splices_like_json() -> None:
         {"predictions": [], "model": "m", "server": "s", "timing_ms": {"infer": 1.0}, "batch_size": 1},
         separators=(",", ":"),
     ).encode()
-    spliced = json.loads(balancer._annotate(payload, 'http://h:1/"x', 2.5, 3.0))
+    spliced = json.loads(balancer._annotate(payload, 'http://h:1/"x', 2.5, 0.25, 3.0))
     assert spliced["backend"] == 'http://h:1/"x'
-    assert spliced["timing_ms"] == {"upstream": 2.5, "balancer": 0.5, "infer": 1.0}
-    other = json.loads(balancer._annotate(b'{"predictions": []}', "u", 1.0, 1.5))
-    assert other == {"predictions": [], "backend": "u", "timing_ms": {"upstream": 1.0, "balancer": 0.5}}
+    assert spliced["timing_ms"] == {"upstream": 2.5, "queued": 0.25, "balancer": 0.5, "infer": 1.0}
+    other = json.loads(balancer._annotate(b'{"predictions": []}', "u", 1.0, 0.0, 1.5))
+    assert other == {"predictions": [], "backend": "u", "timing_ms": {"upstream": 1.0, "queued": 0.0, "balancer": 0.5}}

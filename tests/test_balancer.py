@@ -287,3 +287,34 @@ def test_up_leaves_no_process_behind(model_dir: Path, small_jpeg: bytes) -> None
             proc.kill()
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_max_conn_queues_at_the_balancer_and_bounds_the_queue(spawn, small_jpeg: bytes) -> None:
+    """--max-conn 1 over 2 servers of 300 ms: a burst of 4 runs 2 at a time; the queue holds 2 more, then 503."""
+    backends = sleep_servers(spawn, 2, "const:300ms")
+    url = balancer(spawn, backends, "--max-conn", "1", "--queue-size", "2", "--queue-timeout", "5")
+    results = burst(url + "/submit", small_jpeg, 5, 5)
+    codes = Counter(status for status, _, _ in results)
+    assert codes == {200: 4, 503: 1}, codes
+    refused = next((h, doc) for status, h, doc in results if status == 503)
+    assert refused[1]["error"] == "queue_full" and refused[0]["Retry-After"] == "1"
+    queued = sorted(doc["timing_ms"]["queued"] for status, _, doc in results if status == 200)
+    # two went at once; two waited for a server to finish its 300 ms
+    assert queued[1] < 100 and queued[2] > 200, queued
+    # no server ever held two: each request's server-side queue stayed empty
+    assert all(doc["timing_ms"]["queue"] < 100 for status, _, doc in results if status == 200)
+    status, _, raw = http("GET", url + "/metrics")
+    assert status == 200
+    text = raw.decode()
+    assert 'imgclass_balancer_queue_refused_total{reason="full"} 1.0' in text
+    assert "imgclass_balancer_queued 0.0" in text
+
+
+def test_queue_timeout_answers_503(spawn, small_jpeg: bytes) -> None:
+    backends = sleep_servers(spawn, 1, "const:1s")
+    url = balancer(spawn, backends, "--max-conn", "1", "--queue-timeout", "0.2")
+    results = burst(url + "/submit", small_jpeg, 2, 2)
+    codes = sorted(status for status, _, _ in results)
+    assert codes == [200, 503], codes
+    doc = next(doc for status, _, doc in results if status == 503)
+    assert doc["error"] == "queue_timeout"

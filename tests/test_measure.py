@@ -98,6 +98,17 @@ def test_theory_by_policy() -> None:
     assert queueing.theory_mean_response("p2c", 100, 0.02, 4) is None
 
 
+def test_central_queue_theory_holds_slots_for_the_round_trip() -> None:
+    # M/M/2 with lambda 1, mu 1: W = 4/3 and Wq = 1/3; a slot held as long as the service is plain M/M/c
+    assert queueing.mmc_held_mean_response(1.0, 1.0, 1.0, 2) == pytest.approx(4 / 3)
+    # held 1.25 per job (service 1 + round trip 0.25): M/M/2 at mu 0.8 waits C/(c mu - lambda)
+    wait = queueing.erlang_c(2, 1.25) / (2 * 0.8 - 1.0)
+    assert queueing.mmc_held_mean_response(1.0, 1.0, 1.25, 2) == pytest.approx(wait + 1.0)
+    # with a central queue every policy is the same M/M/c
+    for policy in ("random", "least_outstanding", "p2c", "round_robin"):
+        assert queueing.theory_mean_response(policy, 1.0, 1.0, 2, mean_hold=1.25) == pytest.approx(wait + 1.0)
+
+
 def test_warmup_and_window_each_hold_their_exact_count() -> None:
     offsets = loadgen.poisson_offsets(30.0, duration=3.0, warmup=0.5, seed=9)
     assert (offsets < 0.5).sum() == 15 and (offsets >= 0.5).sum() == 75
