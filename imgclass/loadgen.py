@@ -85,17 +85,20 @@ class LoadSpec:
     timeout: float = 60.0
 
 
+# aiohttp's names for these, which earlier results use
+_FAILURE_TYPES = {
+    "connect": "connect_error",
+    "closed": "server_disconnected",
+    "cut_short": "payload_error",
+    "bad_response": "bad_response",
+}
+
+
 def classify_error(exc: BaseException) -> str:
     if isinstance(exc, ReadTimeout | asyncio.TimeoutError | TimeoutError):
         return "timeout"
     if isinstance(exc, UpstreamFailure):
-        if exc.connect:
-            return "connect_error"
-        if exc.reason.startswith("connection closed before"):
-            return "server_disconnected"
-        if exc.reason.startswith("bad response"):
-            return "bad_response"
-        return "payload_error"
+        return _FAILURE_TYPES[exc.kind]
     if isinstance(exc, OSError):
         return f"os_error_{exc.errno}"
     return type(exc).__name__

@@ -55,13 +55,11 @@ class Slots:
         if not any_available:
             scope = f"among the first {first_k} backends " if first_k else ""
             raise NoBackendAvailable(f"No healthy model server {scope}is available; retry shortly.", retry_after=1)
-        if free and not self.queue:  # nobody is ahead in line
-            return self._take(policy, free)
-        if free:
-            self._dispatch()  # the queue is ahead of us; serve it first
+        if free and self.queue:
+            self._dispatch()  # those ahead in line go first; what none of them can use is ours
             free, _ = self._free(first_k, exclude)
-            if free and not self.queue:
-                return self._take(policy, free)
+        if free:
+            return self._take(policy, free)
         if len(self.queue) >= self.queue_size:
             self.refused_full += 1
             raise QueueFull(

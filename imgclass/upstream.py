@@ -17,12 +17,20 @@ import httptools
 
 
 class UpstreamFailure(Exception):
-    """The backend gave no response. `sent` says whether the request may have reached it."""
+    """The backend gave no response; `kind` says how far the exchange got.
 
-    def __init__(self, reason: str, *, connect: bool) -> None:
+    connect: no connection, so the request was never sent. closed: the connection closed before
+    any byte of a response. cut_short: it closed mid-response. bad_response: the bytes were not HTTP.
+    """
+
+    def __init__(self, reason: str, *, kind: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.connect = connect  # True: it failed before the request was sent
+        self.kind = kind
+
+    @property
+    def connect(self) -> bool:
+        return self.kind == "connect"
 
 
 class ReadTimeout(Exception):
@@ -62,15 +70,18 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamFailure(f"bad response: {exc}", connect=False))
+            self._fail(UpstreamFailure(f"bad response: {exc}", kind="bad_response"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         if self.waiter is not None and not self.waiter.done():
-            reason = "connection closed before a response" if not self.got_bytes else "response cut short"
-            self.waiter.set_exception(UpstreamFailure(reason, connect=False))
+            if self.got_bytes:
+                failure = UpstreamFailure("response cut short", kind="cut_short")
+            else:
+                failure = UpstreamFailure("connection closed before a response", kind="closed")
+            self.waiter.set_exception(failure)
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -136,7 +147,7 @@ class HostPool:
                 loop.create_connection(lambda: _Connection(self), self.host, self.port), self.connect_timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamFailure(f"connect failed: {exc or type(exc).__name__}", connect=True) from None
+            raise UpstreamFailure(f"connect failed: {exc or type(exc).__name__}", kind="connect") from None
         return conn
 
     async def request(self, path: bytes, headers: list[tuple[str, str]], body: bytes) -> Response:
@@ -145,7 +156,7 @@ class HostPool:
         try:
             return await self._send(conn, path, headers, body)
         except UpstreamFailure as exc:
-            if not (reused and not exc.connect and exc.reason.startswith("connection closed before")):
+            if not (reused and exc.kind == "closed"):
                 raise
         # The server closed an idle keep-alive connection as we reused it: one fresh try, same backend.
         return await self._send(await self._connect(), path, headers, body)

@@ -154,3 +154,22 @@ def test_queued_requests_go_when_a_backend_comes_up() -> None:
             await slots.acquire(policy, None)
 
     _run(go())
+
+
+def test_a_slot_no_waiter_can_use_goes_to_a_newcomer_at_once() -> None:
+    async def go() -> None:
+        pool = _pool(2)
+        slots = Slots(pool, max_conn=1)
+        policy = Random(random.Random(1))
+        b0 = await slots.acquire(policy, 1)
+        b1 = await slots.acquire(policy, None)
+        scoped = asyncio.create_task(slots.acquire(policy, 1))  # can only use b0
+        await asyncio.sleep(0.01)
+        slots.release(b1)
+        assert not scoped.done() and b1.in_flight == 0
+        newcomer = await asyncio.wait_for(slots.acquire(policy, None), 0.5)
+        assert newcomer is b1 and not scoped.done()
+        slots.release(b0)
+        assert (await scoped) is b0
+
+    _run(go())
