@@ -40,13 +40,19 @@ http {{
 """
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes, every thread included."""
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of these processes, every thread included."""
+    user = kernel = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+        user += int(fields[11])
+        kernel += int(fields[12])
+    return user / TICKS, kernel / TICKS
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes, every thread included."""
+    return sum(cpu_split(pids))
 
 
 def run_queue_seconds(pids: list[int]) -> float:
