@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     terminate_as_interrupt()
     servers = [int(x) for x in args.servers.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.max_conn < 0:
+        raise SystemExit("--max-conn must be a whole number of at least 0 (0 = no limit; 1 = the M/M/c central queue)")
     for policy in policies:
         if policy not in POLICIES:
             raise SystemExit(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
