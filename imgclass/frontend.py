@@ -99,6 +99,8 @@ class Limits:
     max_header_bytes: int = 64 * 1024
     keep_alive_s: float = 75.0  # nginx's keepalive_timeout: clients can reuse idle connections
     request_timeout_s: float = 60.0  # from a request's first byte to its last
+    linger_s: float = 5.0  # nginx's lingering_timeout: the longest pause in an upload we discard
+    linger_total_s: float = 30.0  # nginx's lingering_time: the longest we discard at all
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -131,6 +133,7 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[tuple[Request, bool]] = deque()
         self.busy = False  # a request is being handled
         self.closing = False
+        self.lingering_until = 0.0  # > 0: answered with an error, discarding the rest of the upload
         self.paused = False  # by us, because the client pipelines or does not read
         self.timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -156,6 +159,9 @@ class _Connection(asyncio.Protocol):
         self._disarm()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering_until:
+            self._linger()
+            return
         if self.closing:
             return
         try:
@@ -272,7 +278,7 @@ class _Connection(asyncio.Protocol):
             self._resume()
             self._arm(self.limits.keep_alive_s, self._idle_timeout)
 
-    def _write(self, response: Response, keep_alive: bool, head: bool = False) -> None:
+    def _write(self, response: Response, keep_alive: bool, head: bool = False, linger: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         body = response.body
@@ -287,6 +293,26 @@ class _Connection(asyncio.Protocol):
         self.transport.write(b"".join(out))  # one write: one wake-up of the client
         if not keep_alive:
             self.closing = True
+            if linger and self.transport.can_write_eof():
+                # Closing with unread upload bytes would make the kernel reset the connection, and a
+                # client still sending (most send the whole body before reading) would see the reset
+                # instead of our answer. So, as nginx's lingering close: send FIN, read and discard.
+                self.transport.write_eof()
+                self.lingering_until = self.loop.time() + self.limits.linger_total_s
+                self._resume()
+                self._linger()
+            else:
+                self.transport.close()
+
+    def _linger(self) -> None:
+        remaining = self.lingering_until - self.loop.time()
+        if remaining <= 0:
+            self._close_now()
+        else:
+            self._arm(min(self.limits.linger_s, remaining), self._close_now)
+
+    def _close_now(self) -> None:
+        if self.transport is not None:
             self.transport.close()
 
     def _fail(self, exc: ImgclassError) -> None:
@@ -297,7 +323,7 @@ class _Connection(asyncio.Protocol):
             # hang up after it instead.
             self.closing = True
             return
-        self._write(error_response(exc), keep_alive=False)
+        self._write(error_response(exc), keep_alive=False, linger=True)
 
     # --- timers and flow control ---
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:

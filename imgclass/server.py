@@ -1,4 +1,4 @@
-"""The model server: an aiohttp app factory for POST /predict, health, readiness and metrics."""
+"""The model server: an app factory for POST /predict, health, readiness and metrics, on the llhttp front end."""
 
 from __future__ import annotations
 
@@ -8,25 +8,15 @@ import os
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import config, log
 from .backends import Backend, BackendOptions, load_backend
 from .batching import Batcher, Job, Result
 from .errors import BadParameter, ConfigError, NotReady
-from .httpapp import (
-    LOGGER_KEY,
-    REGISTRY_KEY,
-    bind_socket,
-    healthz,
-    json_response,
-    make_middleware,
-    metrics_handler,
-    run_async,
-    run_until_signalled,
-    socket_url,
-)
+from .frontend import App, Request, Response, json_response
+from .frontend import serve as serve_app
+from .httpapp import bind_socket, run_async, socket_url
 from .images import decode
 from .payload import read_image
 
@@ -147,10 +137,7 @@ class ModelServer:
         }
 
 
-SERVER_KEY = web.AppKey("model_server", ModelServer)
-
-
-def parse_top(request: web.Request) -> int:
+def parse_top(request: Request) -> int:
     raw = request.query.get("top", "5")
     try:
         top = int(raw)
@@ -161,66 +148,74 @@ def parse_top(request: web.Request) -> int:
     return top
 
 
-async def predict(request: web.Request) -> web.Response:
-    server = request.app[SERVER_KEY]
+async def predict(server: ModelServer, request: Request) -> Response:
     start = time.perf_counter()
     if not server.ready:
         raise NotReady("The server is starting or shutting down; retry shortly.", retry_after=1)
     top = parse_top(request)
-    data = await read_image(request, server.settings.max_upload_bytes)
+    data = read_image(request.body, request.content_type, server.settings.max_upload_bytes)
     result = await server.batcher.submit(Job(data, top))
     total_ms = (time.perf_counter() - start) * 1000
     server.latency.observe(total_ms / 1000)
     return json_response(server.response_body(result, total_ms), headers={"X-Served-By": server.name})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    server = request.app[SERVER_KEY]
+async def readyz(server: ModelServer, request: Request) -> Response:
     if not server.ready:
         raise NotReady("The model is not loaded yet, or the server is shutting down.", retry_after=1)
     return json_response({"status": "ready", **server.describe()})
 
 
-async def info(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVER_KEY].describe())
+async def info(server: ModelServer, request: Request) -> Response:
+    return json_response(server.describe())
 
 
-def create_app(settings: ServerSettings, name: str | None = None) -> web.Application:
+async def healthz(server: ModelServer, request: Request) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def metrics(server: ModelServer, request: Request) -> Response:
+    return Response(generate_latest(server.registry), 200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())])
+
+
+ROUTES = [
+    ("POST", "/predict", predict),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/", info),
+]
+
+
+def create_app(settings: ServerSettings, name: str | None = None) -> App:
     """Load and warm up the model, then return the app. Nothing is loaded at import time."""
     name = name or settings.name or f"{settings.host}:{settings.port}"
     logger = log.get_logger(name, "server", settings.log_level)
     server = ModelServer(settings, name)
+    app = App(logger, settings.max_upload_bytes)
+    for method, path, handler in ROUTES:
+        app.route(method, path, functools.partial(handler, server))
+    paths = {path for _, path, _ in ROUTES}
 
-    def on_done(request: web.Request, status: int, seconds: float) -> None:
-        route = request.match_info.route.resource
-        server.requests.labels(route.canonical if route else "other", str(status)).inc()
-        if request.path == "/predict":
+    def on_done(request: Request, status: int, seconds: float) -> None:
+        route = request.path if request.path in paths else "other"
+        server.requests.labels(route, str(status)).inc()
+        if route == "/predict":
             logger.info("predict", status=status, ms=f"{seconds * 1000:.2f}")
 
-    app = web.Application(client_max_size=settings.max_upload_bytes, middlewares=[make_middleware(on_done)])
-    app[SERVER_KEY] = server
-    app[LOGGER_KEY] = logger
-    app[REGISTRY_KEY] = server.registry
-    app.router.add_post("/predict", predict)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/", info)
+    app.on_done = on_done
 
-    async def start(app: web.Application) -> None:
+    async def start() -> None:
         await server.batcher.start()
         server.ready = True
         logger.info("ready", **server.describe())
 
-    async def shutdown(app: web.Application) -> None:
-        server.ready = False  # balancers' health checks see 503 and stop sending
-
-    async def cleanup(app: web.Application) -> None:
+    async def stop() -> None:
+        server.ready = False
         await server.batcher.stop()
 
     app.on_startup.append(start)
-    app.on_shutdown.append(shutdown)
-    app.on_cleanup.append(cleanup)
+    app.on_shutdown.append(stop)
     return app
 
 
@@ -230,7 +225,7 @@ def serve(settings: ServerSettings) -> None:
     logger = log.get_logger(name, "server", settings.log_level)
     logger.info("loading", backend=settings.backend, model_dir=os.path.abspath(settings.model_dir))
     app = create_app(settings, name)
-    run_async(run_until_signalled(app, sock, logger))
+    run_async(serve_app(app, sock, logger))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

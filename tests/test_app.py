@@ -1,4 +1,4 @@
-"""In-process app tests: the model server on aiohttp's test server, the balancer's app called directly."""
+"""In-process app tests: the model server's and the balancer's apps, called directly or on an in-process socket."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import io
 import json
 from pathlib import Path
 
-from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from imgclass import balancer, frontend, server
+from imgclass.httpapp import bind_socket, socket_url
 
 from .conftest import multipart
 
@@ -22,51 +21,13 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _form(data: bytes) -> FormData:
-    form = FormData()
-    form.add_field("image", data, filename="x.jpg", content_type="image/jpeg")
-    return form
-
-
-async def _server_client(model_dir: Path, **overrides: object) -> TestClient:
+async def _server_app(model_dir: Path, **overrides: object) -> frontend.App:
     settings = server.ServerSettings.make(
         backend="sleep", service_time="const:1ms", model_dir=str(model_dir), threads=1, **overrides
     )
-    client = TestClient(TestServer(server.create_app(settings, name="inproc")))
-    await client.start_server()
-    return client
-
-
-def test_server_app_predict_and_errors(model_dir: Path) -> None:
-    async def scenario() -> None:
-        client = await _server_client(model_dir)
-        try:
-            response = await client.post("/predict?top=3", data=_form(_jpeg()))
-            doc = await response.json()
-            assert response.status == 200 and len(doc["predictions"]) == 3 and doc["server"] == "inproc"
-            assert response.headers["X-Served-By"] == "inproc"
-            response = await client.post("/predict", data=b"{", headers={"Content-Type": "application/json"})
-            assert response.status == 400 and (await response.json())["error"] == "bad_json"
-            assert (await client.get("/readyz")).status == 200
-            info = await (await client.get("/")).json()
-            assert info["backend"] == "sleep" and info["max_batch"] == 1
-        finally:
-            await client.close()
-
-    asyncio.run(scenario())
-
-
-def test_server_app_readyz_goes_503_on_shutdown(model_dir: Path) -> None:
-    async def scenario() -> None:
-        client = await _server_client(model_dir)
-        app = client.server.app
-        assert app is not None
-        await app.shutdown()  # what SIGTERM triggers before the drain
-        response = await client.get("/readyz")
-        assert response.status == 503 and (await response.json())["error"] == "not_ready"
-        await client.close()
-
-    asyncio.run(scenario())
+    app = server.create_app(settings, name="inproc")
+    await app.startup()
+    return app
 
 
 async def _call(
@@ -78,10 +39,52 @@ async def _call(
     return response.status, {k.decode().lower(): v.decode() for k, v in response.headers}, response.body
 
 
+def test_server_app_predict_and_errors(model_dir: Path) -> None:
+    async def scenario() -> None:
+        app = await _server_app(model_dir)
+        try:
+            body, ctype = multipart({"image": ("x.jpg", _jpeg(), "image/jpeg")})
+            status, headers, raw = await _call(app, "POST", "/predict", body, {"Content-Type": ctype}, query="top=3")
+            doc = json.loads(raw)
+            assert status == 200 and len(doc["predictions"]) == 3 and doc["server"] == "inproc"
+            assert headers["x-served-by"] == "inproc" and headers["x-request-id"]
+            status, _, raw = await _call(app, "POST", "/predict", b"{", {"Content-Type": "application/json"})
+            assert status == 400 and json.loads(raw)["error"] == "bad_json"
+            status, _, raw = await _call(app, "POST", "/predict", body, {"Content-Type": ctype}, query="top=0")
+            assert status == 400 and json.loads(raw)["error"] == "bad_parameter"
+            status, headers, raw = await _call(app, "GET", "/predict")
+            assert status == 405 and headers["allow"] == "POST" and json.loads(raw)["error"] == "method_not_allowed"
+            assert (await _call(app, "GET", "/readyz"))[0] == 200
+            info = json.loads((await _call(app, "GET", "/"))[2])
+            assert info["backend"] == "sleep" and info["max_batch"] == 1
+            status, _, raw = await _call(app, "GET", "/metrics")
+            assert status == 200 and b'imgclass_server_requests_total{route="/predict",status="200"} 1.0' in raw
+        finally:
+            await app.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_server_app_readyz_goes_503_on_shutdown(model_dir: Path) -> None:
+    async def scenario() -> None:
+        app = await _server_app(model_dir)
+        await app.shutdown()  # what SIGTERM triggers once in-flight requests are answered
+        status, headers, raw = await _call(app, "GET", "/readyz")
+        assert status == 503 and json.loads(raw)["error"] == "not_ready" and headers["retry-after"] == "1"
+        body, ctype = multipart({"image": ("x.jpg", _jpeg(), "image/jpeg")})
+        status, _, raw = await _call(app, "POST", "/predict", body, {"Content-Type": ctype})
+        assert status == 503 and json.loads(raw)["error"] == "not_ready"
+
+    asyncio.run(scenario())
+
+
 def test_balancer_app_forwards_in_process(model_dir: Path) -> None:
     async def scenario() -> None:
-        backend = await _server_client(model_dir)
-        url = str(backend.make_url("")).rstrip("/")
+        backend = await _server_app(model_dir)
+        front = frontend.FrontEnd(backend.handle, frontend.Limits(max_upload=backend.max_upload))
+        sock = bind_socket("127.0.0.1", 0)
+        await front.start(sock)
+        url = socket_url(sock)
         settings = balancer.BalancerSettings.make(backends=[url], seed=1, health_interval=0.2)
         app = balancer.create_app(settings, name="lb")
         await app.startup()
@@ -107,7 +110,8 @@ def test_balancer_app_forwards_in_process(model_dir: Path) -> None:
             assert status == 400 and json.loads(raw)["error"] == "bad_parameter"
         finally:
             await app.shutdown()
-            await backend.close()
+            await front.drain(1.0)
+            await backend.shutdown()
 
     asyncio.run(scenario())
 

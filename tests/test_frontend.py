@@ -135,6 +135,21 @@ def test_declared_oversize_body_is_413_before_upload_and_closes(running: Running
         assert closed_by_server(conn)
 
 
+def test_client_that_sends_the_whole_oversize_body_first_still_reads_413(running: Running) -> None:
+    # Most clients (http.client, requests, curl without Expect) send the whole body before reading.
+    # Closing on them with unread bytes would make the kernel answer with a reset, not our 413.
+    with connect(running.port) as conn:
+        size, piece = 1_000_000, b"x" * 50_000
+        conn.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // len(piece)):
+            time.sleep(0.005)  # still uploading after the server has answered
+            conn.sendall(piece)  # raises ConnectionResetError if the server hung up
+        status, headers, raw = read_response(conn, bytearray())
+        assert status == 413 and headers["connection"] == "close"
+        assert json.loads(raw)["error"] == "payload_too_large"
+        assert closed_by_server(conn)  # FIN, then the connection ends once the client stops sending
+
+
 def test_chunked_bodies_are_read_and_limited(running: Running) -> None:
     with connect(running.port) as conn:
         conn.sendall(
