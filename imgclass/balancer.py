@@ -6,7 +6,7 @@ import argparse
 import functools
 import hmac
 import json
-import re
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from .errors import (
 from .frontend import App, Request, Response, json_response
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
+from .payload import form_fields
 from .policies import POLICIES, make_policies
 from .pool import BackendState, HealthSettings, Pool
 from .slots import Slots
@@ -43,7 +44,7 @@ BALANCER_OPTIONS = [
     "max_upload_mb", "seed",
 ]  # fmt: skip
 
-_FORM_FIELD = re.compile(rb'name="(number_backend_servers|policy)"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{0,64})\r\n')
+_OPTIONS = frozenset({"policy", "number_backend_servers"})
 # x-request-id: the app sets it; the backend echoes the same one
 _HOP_BY_HOP = {
     b"content-length",
@@ -211,12 +212,12 @@ class Balancer:
 
 
 def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple[str, int | None]:
-    """policy and number_backend_servers, from the query or a multipart form field (found without parsing)."""
-    values = {k: request.query[k] for k in ("policy", "number_backend_servers") if k in request.query}
-    # A C-speed substring test first: the regex runs only when such a field is really there.
-    if len(values) < 2 and (b'name="number_backend_servers"' in body or b'name="policy"' in body):
-        for name, value in _FORM_FIELD.findall(body):
-            values.setdefault(name.decode(), value.decode("latin-1").strip())
+    """policy and number_backend_servers, from the query or a multipart form field."""
+    query = request.query if request.query_string else {}
+    values = {k: query[k] for k in _OPTIONS if k in query}
+    if len(values) < 2:
+        for name, value in form_fields(body, request.content_type, _OPTIONS).items():
+            values.setdefault(name, value)
     policy = values.get("policy", balancer.settings.policy)
     if policy not in POLICIES:
         raise BadParameter(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}.")
@@ -236,7 +237,7 @@ async def submit(balancer: Balancer, request: Request) -> Response:
     # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
     path = b"/predict"
     if request.query_string:
-        passthrough = [(k, v) for k, v in request.query.items() if k not in ("policy", "number_backend_servers")]
+        passthrough = [(k, v) for k, v in request.query.items() if k not in _OPTIONS]
         if passthrough:
             path += ("?" + urlencode(passthrough)).encode()
     headers = [
@@ -288,6 +289,11 @@ def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:
     return UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.")
 
 
+@functools.lru_cache(maxsize=1024)
+def _backend_member(backend_url: str) -> bytes:
+    return b',"backend":' + json.dumps(backend_url).encode() + b"}"
+
+
 def _annotate(payload: bytes, backend_url: str, upstream_ms: float, queued_ms: float, total_ms: float) -> bytes:
     """Add backend and timing_ms.{upstream,queued,balancer} to the server's JSON answer.
 
@@ -300,8 +306,7 @@ def _annotate(payload: bytes, backend_url: str, upstream_ms: float, queued_ms: f
     # Our model server's answer is compact JSON ending in '}': splice instead of a parse and re-encode.
     if at >= 0 and payload.endswith(b"}") and payload[at + 13 : at + 14] == b'"':
         cut = at + 13
-        backend = json.dumps(backend_url).encode()
-        return payload[:cut] + extra + payload[cut:-1] + b',"backend":' + backend + b"}"
+        return b"".join((payload[:cut], extra, payload[cut:-1], _backend_member(backend_url)))
     doc = json.loads(payload)
     doc["backend"] = backend_url
     timing = doc.setdefault("timing_ms", {})
@@ -374,8 +379,10 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
     balancer = Balancer(settings, name, logger)
     page = load_page()
 
+    verbose = logger.enabled(logging.INFO)
+
     def on_done(request: Request, status: int, seconds: float) -> None:
-        if request.path in ("/submit", "/predict"):
+        if verbose and request.path in ("/submit", "/predict"):
             logger.info("submit", status=status, ms=round(seconds * 1000, 2))
 
     app = App(logger, int(settings.max_upload_mb * 1_000_000), on_done)

@@ -197,11 +197,14 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        self._check_head()
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._check_head()
         key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        # repeated headers fold into one, comma-separated (RFC 9110 section 5.3)
-        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+        headers = self.headers
+        if key in headers:  # repeated headers fold into one, comma-separated (RFC 9110 section 5.3)
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def _check_head(self) -> None:
         if self.head_bytes > self.limits.max_header_bytes and not self.rejected:

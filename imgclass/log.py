@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import random
 import sys
 import time
 
@@ -13,8 +14,13 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
+# Ids only need to be unique, not secret: a userspace generator seeded once from the OS avoids a
+# getrandom() system call per request.
+_ids = random.Random(os.urandom(16))
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def _value(value: object) -> str:
@@ -44,6 +50,9 @@ class EventLogger:
     def notice(self, action: str, **fields: object) -> None:
         """A lifecycle line (listening, stopping) that every log level shows: supervisors read it."""
         self._emit(max(logging.INFO, self._logger.getEffectiveLevel()), action, fields)
+
+    def enabled(self, level: int) -> bool:
+        return self._logger.isEnabledFor(level)
 
     def info(self, action: str, **fields: object) -> None:
         self._emit(logging.INFO, action, fields)

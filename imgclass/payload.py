@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -13,6 +14,54 @@ from .errors import BadBase64, BadJSON, EmptyBody, MissingField, PayloadTooLarge
 
 FIELD = "image"
 FIELD_BYTES = FIELD.encode()
+
+
+_BOUNDARY = re.compile(r'[;\s]boundary=(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary parameter of a multipart Content-Type, unquoted; None when absent or empty."""
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        return None
+    return (match.group(1) or match.group(2) or "").encode("latin-1") or None
+
+
+_PART_NAME = re.compile(rb'(?:^|[;\s])name="([^"]*)"', re.IGNORECASE)
+MAX_FIELD_VALUE = 64
+
+
+def form_fields(body: bytes, content_type: str, names: frozenset[str]) -> dict[str, str]:
+    """The small text fields `names` of a multipart body, read from its part headers only.
+
+    Walks the parts from delimiter to delimiter: one C-speed search over each part's content,
+    the image included, and no copy of it. A value over MAX_FIELD_VALUE bytes is cut there (these
+    are parameters, validated by the caller). Malformed bodies yield what was found before the fault.
+    """
+    media = content_type.partition(";")[0]
+    if media.strip().lower() != "multipart/form-data":
+        return {}
+    boundary = multipart_boundary(content_type)
+    if not boundary:
+        return {}
+    delim = b"\r\n--" + boundary
+    at = body.find(delim[2:])
+    if at < 0:
+        return {}
+    found: dict[str, str] = {}
+    pos = at + len(delim) - 2
+    while body[pos : pos + 2] != b"--":
+        head_end = body.find(b"\r\n\r\n", pos)
+        end = body.find(delim, head_end + 4) if head_end >= 0 else -1
+        if end < 0:
+            break
+        match = _PART_NAME.search(body, pos, head_end)
+        if match:
+            name = match.group(1).decode("latin-1")
+            if name in names and name not in found:
+                found[name] = body[head_end + 4 : min(end, head_end + 4 + MAX_FIELD_VALUE)].decode("latin-1").strip()
+        pos = end + len(delim)
+    return found
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -111,7 +160,7 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
     """The bytes of form field `image` in a buffered multipart/form-data body."""
     if not body:
         raise EmptyBody("The request body is empty; send multipart field 'image'.")
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    boundary = multipart_boundary(content_type)
     if not boundary:
         raise MissingField("The multipart Content-Type has no boundary; let the client library build the form.")
     scan = _ImageField()

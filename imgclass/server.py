@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -196,11 +197,16 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
     for method, path, handler in ROUTES:
         app.route(method, path, functools.partial(handler, server))
     paths = {path for _, path, _ in ROUTES}
+    counters: dict[tuple[str, int], Counter] = {}  # labelled children, looked up once (few routes x statuses)
+    verbose = logger.enabled(logging.INFO)
 
     def on_done(request: Request, status: int, seconds: float) -> None:
         route = request.path if request.path in paths else "other"
-        server.requests.labels(route, str(status)).inc()
-        if route == "/predict":
+        counter = counters.get((route, status))
+        if counter is None:
+            counter = counters[(route, status)] = server.requests.labels(route, str(status))
+        counter.inc()
+        if verbose and route == "/predict":
             logger.info("predict", status=status, ms=f"{seconds * 1000:.2f}")
 
     app.on_done = on_done

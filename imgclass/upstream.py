@@ -129,6 +129,9 @@ class HostPool:
         self.read_timeout = read_timeout
         self.max_idle = max_idle
         self.idle: deque[_Connection] = deque()
+        self.request_line_end = b" HTTP/1.1\r\nHost: " + self.host_header + b"\r\n"
+        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11: look it up once.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def release(self, conn: _Connection) -> None:
         if len(self.idle) < self.max_idle:
@@ -162,14 +165,17 @@ class HostPool:
         return await self._send(await self._connect(), path, headers, body)
 
     async def _send(self, conn: _Connection, path: bytes, headers: list[tuple[str, str]], body: bytes) -> Response:
-        head = [b"POST ", self.prefix, path, b" HTTP/1.1\r\nHost: ", self.host_header, b"\r\n"]
+        head = [b"POST ", self.prefix, path, self.request_line_end]
         for name, value in headers:
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
-        head += [b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n"]
-        loop = asyncio.get_running_loop()
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        head.append(body)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         conn.waiter = loop.create_future()
         assert conn.transport is not None
-        conn.transport.write(b"".join(head) + body)
+        conn.transport.write(b"".join(head))
         timer = loop.call_later(self.read_timeout, _expire, conn)
         try:
             return await conn.waiter

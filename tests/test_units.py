@@ -12,7 +12,7 @@ import pytest
 
 from imgclass import config, errors, log
 from imgclass.batching import top_k
-from imgclass.payload import image_from_multipart
+from imgclass.payload import MAX_FIELD_VALUE, form_fields, image_from_multipart, multipart_boundary
 from imgclass.servicetime import parse_duration, parse_service_time
 
 
@@ -136,6 +136,64 @@ def test_multipart_keeps_a_complete_image_part_even_if_the_rest_is_cut() -> None
 def test_multipart_errors(body: bytes, ctype: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         image_from_multipart(body, ctype)
+
+
+# --- the balancer's form parameters (payload.form_fields) ---
+
+OPTIONS = frozenset({"policy", "number_backend_servers"})
+FORM = "multipart/form-data; boundary=b0und4ry"
+
+
+def test_form_fields_before_and_after_the_image() -> None:
+    image = bytes(range(256)) * 40 + b'\r\n--b0und4r name="policy"\r\n\r\nfake\r\n'  # decoys inside the image
+    body = _form([("policy", b" p2c "), ("image", image), ("number_backend_servers", b"2")])
+    assert form_fields(body, FORM, OPTIONS) == {"policy": "p2c", "number_backend_servers": "2"}
+    assert form_fields(body, 'multipart/form-data; boundary="b0und4ry"', OPTIONS)["policy"] == "p2c"
+
+
+def test_form_fields_match_the_name_parameter_only_and_keep_the_first() -> None:
+    body = b'--b0und4ry\r\nContent-Disposition: form-data; filename="policy"; name="image"\r\n\r\nX\r\n'
+    body += _form([("policy", b"round_robin"), ("policy", b"random")])
+    assert form_fields(body, FORM, OPTIONS) == {"policy": "round_robin"}
+
+
+@pytest.mark.parametrize(
+    ("ctype", "boundary"),
+    [
+        ("multipart/form-data; boundary=abc", b"abc"),
+        ("Multipart/Form-Data; BOUNDARY=abc; charset=utf-8", b"abc"),
+        ('multipart/form-data; boundary="a b;c"', b"a b;c"),
+        ("multipart/form-data;boundary=abc", b"abc"),
+        ("multipart/form-data; xboundary=abc", None),
+        ("multipart/form-data; boundary=", None),
+        ("multipart/form-data", None),
+    ],
+)
+def test_multipart_boundary(ctype: str, boundary: bytes | None) -> None:
+    assert multipart_boundary(ctype) == boundary
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "expected"),
+    [
+        (_form([("policy", b"p2c")]), "application/json", {}),
+        (_form([("policy", b"p2c")]), "multipart/form-data", {}),
+        (_form([("policy", b"p2c"), ("image", b"JPEG")])[:-30], FORM, {"policy": "p2c"}),
+        (_form([("image", b"JPEG"), ("policy", b"p2c")])[:-30], FORM, {}),
+        (b"no boundary here", FORM, {}),
+        (_form([("number_backend_servers", b"9" * 500)]), FORM, {"number_backend_servers": "9" * MAX_FIELD_VALUE}),
+    ],
+    ids=[
+        "not multipart",
+        "no boundary parameter",
+        "cut after the field",
+        "cut inside the field",
+        "garbage",
+        "long value",
+    ],
+)
+def test_form_fields_on_odd_bodies(body: bytes, ctype: str, expected: dict[str, str]) -> None:
+    assert form_fields(body, ctype, OPTIONS) == expected
 
 
 def test_sleep_backend_serves_back_to_back_whatever_the_handoff_costs() -> None:
