@@ -1,4 +1,4 @@
-"""The balancer's HTTP layer: an HTTP/1.1 front end on llhttp (httptools) and a small route table.
+"""The HTTP/1.1 front end of the balancer and the model server, on llhttp (httptools), with a route table.
 
 Why not a framework: every upload crosses this code, on hosts where the balancer shares cores with
 model servers. bench/balancer.py measured, per forwarded 40 KB request, ~0.40 ms of CPU under

@@ -1,4 +1,4 @@
-"""The balancer's HTTP/1.1 front end, in process on an ephemeral port, spoken to over raw sockets."""
+"""The HTTP/1.1 front end (balancer and model server), in process on an ephemeral port, spoken to over raw sockets."""
 
 from __future__ import annotations
 
