@@ -19,6 +19,13 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _ids = random.Random(os.urandom(16))
 
 
+def _reseed() -> None:
+    _ids.seed(os.urandom(16))
+
+
+os.register_at_fork(after_in_child=_reseed)  # a forked child must not repeat its parent's ids
+
+
 def new_request_id() -> str:
     return f"{_ids.getrandbits(64):016x}"
 
