@@ -214,7 +214,6 @@ def test_sleep_backend_serves_back_to_back_whatever_the_handoff_costs() -> None:
     assert 0.095 <= time.perf_counter() - arrived < 0.125
 
 
-
 def test_request_ids_are_unique_and_a_reseed_changes_the_stream() -> None:
     ids = {log.new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
