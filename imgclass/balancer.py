@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlencode
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import config, log
 from .errors import (
@@ -28,7 +28,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .frontend import App, Request, Response, json_response
+from .frontend import App, Request, Response, healthz, json_response, metrics_handler
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .payload import form_fields
@@ -360,20 +360,12 @@ async def remove_backend(balancer: Balancer, request: Request) -> Response:
     return json_response({"removed": url})
 
 
-async def healthz(balancer: Balancer, request: Request) -> Response:
-    return json_response({"status": "alive"})
-
-
-async def metrics(balancer: Balancer, request: Request) -> Response:
-    return Response(generate_latest(balancer.registry), 200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())])
-
-
 def load_page() -> bytes:
     return resources.files("imgclass").joinpath("templates/index.html").read_bytes()
 
 
 def create_app(settings: BalancerSettings, name: str | None = None) -> App:
-    """The balancer as an ASGI app; its pool starts with the app's lifespan."""
+    """The balancer as an app on the llhttp front end; its pool starts with the app."""
     name = name or settings.name or f"{settings.host}:{settings.port}"
     logger = log.get_logger(name, "balancer", settings.log_level)
     balancer = Balancer(settings, name, logger)
@@ -399,8 +391,8 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
     app.route("GET", "/backends", bind(list_backends))
     app.route("POST", "/backends", bind(add_backend))
     app.route("DELETE", "/backends", bind(remove_backend))
-    app.route("GET", "/healthz", bind(healthz))
-    app.route("GET", "/metrics", bind(metrics))
+    app.route("GET", "/healthz", healthz)
+    app.route("GET", "/metrics", metrics_handler(balancer.registry))
 
     async def start() -> None:
         await balancer.start()

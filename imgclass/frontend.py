@@ -28,6 +28,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl
 
 import httptools
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import log
 from .errors import (
@@ -85,6 +86,21 @@ def error_response(exc: ImgclassError) -> Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process is up and its event loop answers."""
+    return json_response({"status": "alive"})
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """GET /metrics in Prometheus' text format, for `registry`."""
+    content_type = [(b"Content-Type", CONTENT_TYPE_LATEST.encode())]
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), 200, list(content_type))
+
+    return metrics
 
 
 @dataclass(frozen=True)

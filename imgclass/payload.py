@@ -16,6 +16,11 @@ FIELD = "image"
 FIELD_BYTES = FIELD.encode()
 
 
+def media_type(content_type: str) -> str:
+    """'multipart/form-data' from 'Multipart/Form-Data; boundary=...'."""
+    return content_type.partition(";")[0].strip().lower()
+
+
 _BOUNDARY = re.compile(r'[;\s]boundary=(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
 
 
@@ -38,8 +43,7 @@ def form_fields(body: bytes, content_type: str, names: frozenset[str]) -> dict[s
     the image included, and no copy of it. A value over MAX_FIELD_VALUE bytes is cut there (these
     are parameters, validated by the caller). Malformed bodies yield what was found before the fault.
     """
-    media = content_type.partition(";")[0]
-    if media.strip().lower() != "multipart/form-data":
+    if media_type(content_type) != "multipart/form-data":
         return {}
     boundary = multipart_boundary(content_type)
     if not boundary:
@@ -98,7 +102,7 @@ def read_image(body: bytes, content_type: str, limit: int) -> bytes:
     The front end has already bounded the body; `limit` applies to the image itself, so that a
     base64 or multipart wrapping cannot smuggle in more than --max-upload-mb of image.
     """
-    ctype = content_type.partition(";")[0].strip().lower()
+    ctype = media_type(content_type)
     if ctype == "multipart/form-data":
         data = image_from_multipart(body, content_type)
     elif not body:

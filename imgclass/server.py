@@ -9,13 +9,13 @@ import os
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import config, log
 from .backends import Backend, BackendOptions, load_backend
 from .batching import Batcher, Job, Result
 from .errors import BadParameter, ConfigError, NotReady
-from .frontend import App, Request, Response, json_response
+from .frontend import App, Request, Response, healthz, json_response, metrics_handler
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .images import decode
@@ -171,19 +171,9 @@ async def info(server: ModelServer, request: Request) -> Response:
     return json_response(server.describe())
 
 
-async def healthz(server: ModelServer, request: Request) -> Response:
-    return json_response({"status": "alive"})
-
-
-async def metrics(server: ModelServer, request: Request) -> Response:
-    return Response(generate_latest(server.registry), 200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode())])
-
-
 ROUTES = [
     ("POST", "/predict", predict),
-    ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
-    ("GET", "/metrics", metrics),
     ("GET", "/", info),
 ]
 
@@ -196,12 +186,13 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
     app = App(logger, settings.max_upload_bytes)
     for method, path, handler in ROUTES:
         app.route(method, path, functools.partial(handler, server))
-    paths = {path for _, path, _ in ROUTES}
+    app.route("GET", "/healthz", healthz)
+    app.route("GET", "/metrics", metrics_handler(server.registry))
     counters: dict[tuple[str, int], Counter] = {}  # labelled children, looked up once (few routes x statuses)
     verbose = logger.enabled(logging.INFO)
 
     def on_done(request: Request, status: int, seconds: float) -> None:
-        route = request.path if request.path in paths else "other"
+        route = request.path if request.path in app.routes else "other"
         counter = counters.get((route, status))
         if counter is None:
             counter = counters[(route, status)] = server.requests.labels(route, str(status))
