@@ -28,7 +28,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .frontend import App, Request, Response, healthz, json_response, metrics_handler
+from .frontend import App, Reply, Request, Response, healthz, json_response, metrics_handler
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .payload import form_fields
@@ -130,6 +130,7 @@ class Balancer:
         self.pool.on_available = self.slots.kick
         self.policies = make_policies(settings.seed)
         self.upstreams: dict[str, HostPool] = {}
+        self.app: App  # set by create_app: the async paths run as its tasks
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imgclass_balancer_requests", "Forwarded requests by backend and status", ["backend", "status"],
@@ -174,6 +175,23 @@ class Balancer:
             child = self._counters[(url, status)] = self.requests.labels(url, str(status))
         child.inc()
 
+    def take_now(self, policy: str, first_k: int | None) -> BackendState | None:
+        """A backend with a slot taken if one is free now; None if the request must wait in the queue."""
+        try:
+            backend = self.slots.take_now(self.policies[policy], first_k)
+        except NoBackendAvailable:
+            self.no_backend.inc()
+            raise
+        if backend is not None and self.settings.max_conn:
+            self.queue_wait.observe(0.0)
+        return backend
+
+    def upstream(self, url: str) -> HostPool:
+        upstream = self.upstreams.get(url)
+        if upstream is None:
+            upstream = self.upstreams[url] = HostPool(url, self.settings.connect_timeout, self.settings.timeout)
+        return upstream
+
     async def acquire(
         self, policy: str, first_k: int | None, exclude: BackendState | None = None
     ) -> tuple[BackendState, float]:
@@ -199,10 +217,7 @@ class Balancer:
         self, backend: BackendState, body: bytes, headers: list[tuple[str, str]], path: bytes
     ) -> tuple[UpstreamResponse, float]:
         """POST the raw body to the backend's /predict; returns its response and the upstream ms."""
-        upstream = self.upstreams.get(backend.url)
-        if upstream is None:
-            upstream = HostPool(backend.url, self.settings.connect_timeout, self.settings.timeout)
-            self.upstreams[backend.url] = upstream
+        upstream = self.upstream(backend.url)
         start = time.perf_counter()
         try:
             response = await upstream.request(path, headers, body)
@@ -230,57 +245,114 @@ def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple
     return policy, first_k
 
 
-async def submit(balancer: Balancer, request: Request) -> Response:
-    start = time.perf_counter()
-    body = request.body  # already bounded by the front end
-    policy, first_k = _request_options(balancer, request, body)
-    # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
-    path = b"/predict"
-    if request.query_string:
-        passthrough = [(k, v) for k, v in request.query.items() if k not in _OPTIONS]
-        if passthrough:
-            path += ("?" + urlencode(passthrough)).encode()
-    headers = [
-        ("Content-Type", request.content_type or "application/octet-stream"),
-        (log.REQUEST_ID_HEADER, log.request_id.get()),
-    ]
-    backend, queued_ms = await balancer.acquire(policy, first_k)
-    try:
-        response, upstream_ms = await balancer.forward(backend, body, headers, path)
-    except UpstreamFailure as exc:
+def submit(balancer: Balancer, request: Request, reply: Reply) -> None:
+    """POST /submit. The common case (a free backend, an idle connection to it) runs from protocol
+    callbacks with no task at all: a task and its coroutines cost about a third of the balancer's
+    CPU per request here (bench/balancer_breakdown.py). Queueing, connecting and retrying go async.
+    """
+    exchange = _Exchange(balancer, request, reply)
+    backend = balancer.take_now(exchange.policy, exchange.first_k)
+    if backend is not None:
+        exchange.sent = time.perf_counter()
+        exchange.backend = backend
+        if balancer.upstream(backend.url).start(exchange.path, exchange.headers, request.body, exchange.answered):
+            return
+    balancer.app.complete(request, exchange.run(backend), reply)
+
+
+class _Exchange:
+    """One forwarded request, from choosing a backend to the annotated answer."""
+
+    __slots__ = ("backend", "balancer", "first_k", "headers", "path", "policy", "queued_ms", "reply", "request",
+                 "sent", "start")  # fmt: skip
+
+    def __init__(self, balancer: Balancer, request: Request, reply: Reply) -> None:
+        self.start = time.perf_counter()
+        self.balancer = balancer
+        self.request = request
+        self.reply = reply
+        self.policy, self.first_k = _request_options(balancer, request, request.body)
+        # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
+        path = b"/predict"
+        if request.query_string:
+            passthrough = [(k, v) for k, v in request.query.items() if k not in _OPTIONS]
+            if passthrough:
+                path += ("?" + urlencode(passthrough)).encode()
+        self.path = path
+        self.headers = [
+            ("Content-Type", request.content_type or "application/octet-stream"),
+            (log.REQUEST_ID_HEADER, log.request_id.get()),
+        ]
+        self.queued_ms = 0.0
+        self.backend: BackendState | None = None
+        self.sent = 0.0
+
+    def answered(self, response: UpstreamResponse | None, exc: Exception | None) -> None:
+        """The fast path's upstream callback."""
+        balancer, backend = self.balancer, self.backend
+        assert backend is not None
+        upstream_ms = (time.perf_counter() - self.sent) * 1000
+        balancer.slots.release(backend)
+        if exc is not None:
+            balancer.app.complete(self.request, self.recover(backend, exc), self.reply)
+            return
+        try:
+            out = self.finish(backend, response, upstream_ms)  # type: ignore[arg-type]
+        except Exception as error:  # e.g. a 200 whose body is not JSON
+            out = balancer.app.error(self.request, error)
+        self.reply(out)
+
+    async def run(self, backend: BackendState | None) -> Response:
+        """The async path: wait for a slot, open a connection, or both."""
+        balancer = self.balancer
+        if backend is None:
+            backend, self.queued_ms = await balancer.acquire(self.policy, self.first_k)
+        try:
+            response, upstream_ms = await balancer.forward(backend, self.request.body, self.headers, self.path)
+        except (UpstreamFailure, ReadTimeout) as exc:
+            return await self.recover(backend, exc)
+        return self.finish(backend, response, upstream_ms)
+
+    async def recover(self, backend: BackendState, exc: Exception) -> Response:
+        """After no answer from `backend`: a timeout is final; a failed connection is retried once elsewhere."""
+        balancer = self.balancer
+        if not isinstance(exc, UpstreamFailure):
+            raise _timed_out(balancer, backend)
         # Nothing came back, so the backend cannot have answered; classification is idempotent,
         # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
         balancer.pool.record_failure(backend, exc.reason, connection=True)
         balancer.count(backend.url, "error")
         balancer.retries.inc()
         failed = backend
-        backend, waited = await balancer.acquire(policy, first_k, exclude=failed)
-        queued_ms += waited
+        backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)
+        self.queued_ms += waited
         balancer.logger.warning("retry", failed=failed.url, reason=exc.reason, to=backend.url)
         try:
-            response, upstream_ms = await balancer.forward(backend, body, headers, path)
+            response, upstream_ms = await balancer.forward(backend, self.request.body, self.headers, self.path)
         except UpstreamFailure as exc2:
             balancer.pool.record_failure(backend, exc2.reason, connection=True)
             balancer.count(backend.url, "error")
             raise UpstreamError(f"Two model servers failed to answer ({exc2.reason}); retry shortly.") from None
         except ReadTimeout:
             raise _timed_out(balancer, backend) from None
-    except ReadTimeout:
-        raise _timed_out(balancer, backend) from None
+        return self.finish(backend, response, upstream_ms)
 
-    status = response.status
-    balancer.count(backend.url, status)
-    if status >= 500:
-        balancer.pool.record_failure(backend, f"http_{status}", connection=False)
-    else:
-        balancer.pool.record_success(backend, upstream_ms)
-    out_headers = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
-    out_headers.append((b"X-Backend", backend.url.encode()))
-    payload = response.body
-    if status == 200:
-        payload = _annotate(payload, backend.url, upstream_ms, queued_ms, (time.perf_counter() - start) * 1000)
-    balancer.latency.observe(time.perf_counter() - start)
-    return Response(payload, status, out_headers)
+    def finish(self, backend: BackendState, response: UpstreamResponse, upstream_ms: float) -> Response:
+        balancer = self.balancer
+        status = response.status
+        balancer.count(backend.url, status)
+        if status >= 500:
+            balancer.pool.record_failure(backend, f"http_{status}", connection=False)
+        else:
+            balancer.pool.record_success(backend, upstream_ms)
+        out_headers = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
+        out_headers.append((b"X-Backend", backend.url.encode()))
+        payload = response.body
+        total = time.perf_counter() - self.start
+        if status == 200:
+            payload = _annotate(payload, backend.url, upstream_ms, self.queued_ms, total * 1000)
+        balancer.latency.observe(total)
+        return Response(payload, status, out_headers)
 
 
 def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:
@@ -378,6 +450,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
             logger.info("submit", status=status, ms=round(seconds * 1000, 2))
 
     app = App(logger, int(settings.max_upload_mb * 1_000_000), on_done)
+    balancer.app = app
 
     def bind(handler: Callable[[Balancer, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         return functools.partial(handler, balancer)
@@ -386,8 +459,10 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
         return Response(page, 200, [(b"Content-Type", b"text/html; charset=utf-8")])
 
     app.route("GET", "/", index)
-    app.route("POST", "/submit", bind(submit))
-    app.route("POST", "/predict", bind(submit))  # so the model server's curl line works on the balancer too
+    app.route_direct("POST", "/submit", functools.partial(submit, balancer))
+    app.route_direct(
+        "POST", "/predict", functools.partial(submit, balancer)
+    )  # so the model server's curl line works on the balancer too
     app.route("GET", "/backends", bind(list_backends))
     app.route("POST", "/backends", bind(add_backend))
     app.route("DELETE", "/backends", bind(remove_backend))

@@ -21,10 +21,11 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httptools
@@ -86,6 +87,11 @@ def error_response(exc: ImgclassError) -> Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Reply = Callable[[Response], None]
+# A direct handler answers through `reply`, perhaps from a protocol callback, without a task;
+# it may raise an ImgclassError only before it has replied.
+DirectHandler = Callable[[Request, Reply], None]
+Dispatch = Callable[[Request, Reply], None]
 
 
 async def healthz(request: Request) -> Response:
@@ -273,15 +279,23 @@ class _Connection(asyncio.Protocol):
     def _start(self, request: Request, keep_alive: bool) -> None:
         self.busy = True
         self._disarm()
-        task = self.loop.create_task(self._handle(request, keep_alive))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        server = self.server
+        server.in_flight += 1
+        answered = False
 
-    async def _handle(self, request: Request, keep_alive: bool) -> None:
+        def reply(response: Response) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                server.in_flight -= 1
+                self._finish(request, keep_alive, response)
+
         try:
-            response = await self.server.handler(request)
-        except Exception:  # App.handle turns errors into responses; this is a last resort
-            response = error_response(unexpected())
+            server.dispatch(request, reply)
+        except Exception:  # App.dispatch turns errors into responses; this is a last resort
+            reply(error_response(unexpected()))
+
+    def _finish(self, request: Request, keep_alive: bool, response: Response) -> None:
         self._write(
             response, keep_alive and not self.server.draining and not self.closing, head=request.method == "HEAD"
         )
@@ -381,13 +395,13 @@ class _Connection(asyncio.Protocol):
 
 
 class FrontEnd:
-    """Accepts connections on a bound socket and hands each request to `handler`."""
+    """Accepts connections on a bound socket and hands each request to `dispatch`, which answers through a reply callback."""
 
-    def __init__(self, handler: Handler, limits: Limits) -> None:
-        self.handler = handler
+    def __init__(self, dispatch: Dispatch, limits: Limits) -> None:
+        self.dispatch = dispatch
         self.limits = limits
         self.connections: set[_Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = 0  # requests handed to `dispatch` and not yet answered
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
 
@@ -403,10 +417,8 @@ class FrontEnd:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = time.monotonic() + timeout
-        while self.tasks and time.monotonic() < deadline:
+        while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in list(self.tasks):
-            task.cancel()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
@@ -427,51 +439,99 @@ class App:
         self.logger = logger
         self.max_upload = max_upload
         self.on_done = on_done
-        self.routes: dict[str, dict[str, Handler]] = {}
+        self.routes: dict[str, dict[str, tuple[Handler | DirectHandler, bool]]] = {}
         self.on_startup: list[Hook] = []
         self.on_shutdown: list[Hook] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def route(self, method: str, path: str, handler: Handler) -> None:
-        self.routes.setdefault(path, {})[method] = handler
+        """A coroutine handler: it returns the response, or raises an ImgclassError."""
+        self._add(method, path, (handler, False))
+
+    def route_direct(self, method: str, path: str, handler: DirectHandler) -> None:
+        """A handler that answers through a reply callback: no task unless it makes one (`complete`)."""
+        self._add(method, path, (handler, True))
+
+    def _add(self, method: str, path: str, entry: tuple[Handler | DirectHandler, bool]) -> None:
+        self.routes.setdefault(path, {})[method] = entry
         if method == "GET":
-            self.routes[path].setdefault("HEAD", handler)  # the front end drops the body of a HEAD answer
+            self.routes[path].setdefault("HEAD", entry)  # the front end drops the body of a HEAD answer
 
     async def startup(self) -> None:
         for hook in self.on_startup:
             await hook()
 
     async def shutdown(self) -> None:
+        for task in list(self.tasks):  # handlers still running after the front end's drain
+            task.cancel()
         for hook in self.on_shutdown:
             await hook()
 
-    async def handle(self, request: Request) -> Response:
+    def dispatch(self, request: Request, reply: Reply) -> None:
+        """Route one request; `reply` gets exactly one response, with X-Request-ID, errors as JSON."""
         start = time.perf_counter()
         rid = request.headers.get("x-request-id") or log.new_request_id()
         log.request_id.set(rid)
+        rid_header = (b"X-Request-ID", rid.encode("latin-1"))
+        on_done = self.on_done
+
+        def done(response: Response) -> None:
+            response.headers.append(rid_header)
+            if on_done is not None:
+                on_done(request, response.status, time.perf_counter() - start)
+            reply(response)
+
         try:
             methods = self.routes.get(request.path)
             if methods is None:
                 raise NotFound(f"No route {request.path}; see the README for the API.")
-            handler = methods.get(request.method)
-            if handler is None:
+            entry = methods.get(request.method)
+            if entry is None:
                 allowed = ", ".join(sorted(methods))
                 raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}.", allowed)
-            response = await handler(request)
-        except ImgclassError as exc:
-            response = error_response(exc)
+            handler, direct = entry
+            if direct:
+                handler(request, done)  # type: ignore[call-arg]
+            else:
+                self.complete(request, handler(request), done)  # type: ignore[call-arg, arg-type]
+        except Exception as exc:
+            done(self.error(request, exc))
+
+    def complete(self, request: Request, coro: Coroutine[Any, Any, Response], reply: Reply) -> None:
+        """Run `coro` as a task and reply with what it returns, or with the error it raises."""
+        loop = self._loop
+        if loop is None:  # asyncio.get_running_loop() costs a getpid() system call on 3.11
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(request, coro, reply))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, request: Request, coro: Coroutine[Any, Any, Response], reply: Reply) -> None:
+        try:
+            response = await coro
+        except Exception as exc:
+            response = self.error(request, exc)
+        reply(response)
+
+    def error(self, request: Request, exc: Exception) -> Response:
+        """The JSON answer for an exception a handler raised, logged; a bug becomes one 500."""
+        if isinstance(exc, ImgclassError):
             self.logger.info("error", path=request.path, status=exc.status, code=exc.code, message=exc.message)
-        except Exception as exc:  # the service stays up: a bug becomes one 500, logged
-            self.logger.error("exception", path=request.path, type=type(exc).__name__, message=str(exc))
-            response = error_response(unexpected())
-        response.headers.append((b"X-Request-ID", rid.encode("latin-1")))
-        if self.on_done is not None:
-            self.on_done(request, response.status, time.perf_counter() - start)
-        return response
+            return error_response(exc)
+        self.logger.error("exception", path=request.path, type=type(exc).__name__, message=str(exc))
+        return error_response(unexpected())
+
+    async def handle(self, request: Request) -> Response:
+        """dispatch() as a coroutine, for in-process tests."""
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.dispatch(request, future.set_result)
+        return await future
 
 
 async def serve(app: App, sock: socket.socket, logger: log.EventLogger, shutdown_timeout: float = 30.0) -> None:
     """Serve `app` on the bound socket until SIGINT/SIGTERM, then drain in-flight requests."""
-    front = FrontEnd(app.handle, Limits(max_upload=app.max_upload))
+    front = FrontEnd(app.dispatch, Limits(max_upload=app.max_upload))
     await app.startup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -49,8 +49,8 @@ class Slots:
             return candidates, bool(candidates)
         return [b for b in candidates if b.in_flight < self.max_conn], bool(candidates)
 
-    async def acquire(self, policy: Policy, first_k: int | None, exclude: BackendState | None = None) -> BackendState:
-        """A backend with one of its slots taken for this request; release() gives it back."""
+    def take_now(self, policy: Policy, first_k: int | None, exclude: BackendState | None = None) -> BackendState | None:
+        """A backend with a slot taken, if one is free without waiting; None if the request must queue."""
         free, any_available = self._free(first_k, exclude)
         if not any_available:
             scope = f"among the first {first_k} backends " if first_k else ""
@@ -58,8 +58,13 @@ class Slots:
         if free and self.queue:
             self._dispatch()  # those ahead in line go first; what none of them can use is ours
             free, _ = self._free(first_k, exclude)
-        if free:
-            return self._take(policy, free)
+        return self._take(policy, free) if free else None
+
+    async def acquire(self, policy: Policy, first_k: int | None, exclude: BackendState | None = None) -> BackendState:
+        """A backend with one of its slots taken for this request; release() gives it back."""
+        backend = self.take_now(policy, first_k, exclude)
+        if backend is not None:
+            return backend
         if len(self.queue) >= self.queue_size:
             self.refused_full += 1
             raise QueueFull(

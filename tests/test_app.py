@@ -81,7 +81,7 @@ def test_server_app_readyz_goes_503_on_shutdown(model_dir: Path) -> None:
 def test_balancer_app_forwards_in_process(model_dir: Path) -> None:
     async def scenario() -> None:
         backend = await _server_app(model_dir)
-        front = frontend.FrontEnd(backend.handle, frontend.Limits(max_upload=backend.max_upload))
+        front = frontend.FrontEnd(backend.dispatch, frontend.Limits(max_upload=backend.max_upload))
         sock = bind_socket("127.0.0.1", 0)
         await front.start(sock)
         url = socket_url(sock)

@@ -47,7 +47,7 @@ def running() -> Iterator[Running]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     sock = bind_socket("127.0.0.1", 0)
-    front = frontend.FrontEnd(app.handle, LIMITS)
+    front = frontend.FrontEnd(app.dispatch, LIMITS)
     run = Running(front, loop, sock.getsockname()[1])
     try:
         run.call(front.start(sock))

@@ -1,0 +1,150 @@
+"""The upstream connection pool against raw in-process servers: stale keep-alive resends, callbacks, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from imgclass.upstream import HostPool, ReadTimeout, Response, UpstreamFailure
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+async def _request_path(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return head.split(b" ", 2)[1]
+
+
+def _reply(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.AbstractServer, str, list[int]]:
+    """A server running `handler` per connection (numbered from 0); the list counts accepted connections."""
+    accepted: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(len(accepted))
+        try:
+            await handler(reader, writer, accepted[-1])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", accepted
+
+
+async def _one_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+    """Answers the first request on a connection; closes on the next without answering, as a server
+    whose keep-alive timer fired just as that request arrived."""
+    path = await _request_path(reader)
+    writer.write(_reply(path))
+    await writer.drain()
+    await _request_path(reader)
+
+
+def test_a_request_on_a_stale_keep_alive_connection_is_resent_on_a_fresh_one() -> None:
+    async def scenario() -> None:
+        server, url, accepted = await _serve(_one_then_hang_up)
+        pool = HostPool(url, 1.0, 5.0)
+        try:
+            assert (await pool.request(b"/a", [], b"x")).body == b"/a"
+            assert (await pool.request(b"/b", [], b"x")).body == b"/b"  # the reused connection was dropped
+            assert len(accepted) == 2
+
+            # The callback form does the same, from the protocol, without a task of the caller's.
+            outcomes: list[tuple[Response | None, Exception | None]] = []
+            done = asyncio.Event()
+
+            def callback(response: Response | None, exc: Exception | None) -> None:
+                outcomes.append((response, exc))
+                done.set()
+
+            assert pool.start(b"/c", [], b"x", callback)  # reuses the connection that answered /b
+            await asyncio.wait_for(done.wait(), 5)
+            assert [(r.body if r else None, e) for r, e in outcomes] == [(b"/c", None)]
+            assert len(accepted) == 3
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_start_needs_an_idle_connection_and_reports_a_timeout_through_the_callback() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        path = await _request_path(reader)
+        writer.write(_reply(path))  # the first request is answered, so the connection goes idle
+        await writer.drain()
+        await _request_path(reader)
+        await asyncio.sleep(5)
+
+    async def scenario() -> None:
+        server, url, _ = await _serve(silent)
+        pool = HostPool(url, 1.0, 0.2)
+        try:
+            assert not pool.start(b"/a", [], b"", lambda r, e: None), "no idle connection yet"
+            await pool.request(b"/a", [], b"")
+            outcomes: list[Exception | None] = []
+            assert pool.start(b"/b", [], b"", lambda r, e: outcomes.append(e))
+            await asyncio.sleep(0.5)
+            assert len(outcomes) == 1 and isinstance(outcomes[0], ReadTimeout)
+            assert not pool.idle, "a timed-out connection is closed, never reused"
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_never_hands_its_late_answer_to_the_next_one() -> None:
+    async def delayed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            path = await _request_path(reader)
+            if path == b"/slow":
+                await asyncio.sleep(0.3)
+            writer.write(_reply(path))
+            await writer.drain()
+
+    async def scenario() -> None:
+        server, url, accepted = await _serve(delayed)
+        pool = HostPool(url, 1.0, 5.0)
+        try:
+            slow = asyncio.ensure_future(pool.request(b"/slow", [], b""))
+            await asyncio.sleep(0.05)
+            slow.cancel()
+            assert (await pool.request(b"/next", [], b"")).body == b"/next"
+            await asyncio.sleep(0.5)  # /slow's answer arrives and is discarded
+            bodies = [(await pool.request(b"/%d" % i, [], b"")).body for i in range(3)]
+            assert bodies == [b"/0", b"/1", b"/2"]
+            assert len(accepted) == 2 and len(pool.idle) == 2, "both connections stay usable"
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_connection_is_a_connect_failure() -> None:
+    async def scenario() -> None:
+        server, url, _ = await _serve(_one_then_hang_up)
+        server.close()
+        await server.wait_closed()
+        pool = HostPool(url, 1.0, 1.0)
+        try:
+            await pool.request(b"/", [], b"")
+        except UpstreamFailure as exc:
+            assert exc.connect
+        else:
+            raise AssertionError("no failure")
+
+    asyncio.run(scenario())
