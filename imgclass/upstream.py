@@ -67,6 +67,8 @@ class _Connection(asyncio.Protocol):
         self.callback: Callback | None = None
         self.resend: tuple[bytes, bytes] | None = None  # the request, kept while a stale reused connection may drop it
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when `timer` fires
+        self.deadline = 0.0  # of the request in flight; 0 when none
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.got_bytes = False
@@ -86,6 +88,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
         self.pool.forget(self)
         if self.callback is None:
             return
@@ -123,21 +126,38 @@ class _Connection(asyncio.Protocol):
     def _finish(self, response: Response | None, exc: Exception | None) -> None:
         callback = self.callback
         self.callback = self.resend = None
-        self._cancel_timer()
+        self.deadline = 0.0
         if callback is not None:
             callback(response, exc)
+
+    def arm(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """The read deadline of the request just sent. The timer is lazy, as the front end's: it is
+        created once and re-armed when it fires early, not created and cancelled per request."""
+        deadline = loop.time() + seconds
+        self.deadline = deadline
+        if self.timer is None or self.timer_at > deadline:
+            self._cancel_timer()
+            self.timer = loop.call_at(deadline, self._on_timer, loop)
+            self.timer_at = deadline
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if not self.deadline or self.closed:
+            return
+        if self.deadline > loop.time():
+            self.timer = loop.call_at(self.deadline, self._on_timer, loop)
+            self.timer_at = self.deadline
+            return
+        self.close()  # a late reply must not be read as the answer to the next request
+        self._finish(None, ReadTimeout())
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def expire(self) -> None:
-        self.timer = None
-        self.close()  # a late reply must not be read as the answer to the next request
-        self._finish(None, ReadTimeout())
-
     def close(self) -> None:
+        self._cancel_timer()
         if not self.closed:
             self.closed = True
             self.pool.forget(self)
@@ -231,7 +251,7 @@ class HostPool:
         conn.resend = payload if reused else None
         assert conn.transport is not None
         conn.transport.writelines(payload)
-        conn.timer = self._get_loop().call_later(self.read_timeout, conn.expire)
+        conn.arm(self._get_loop(), self.read_timeout)
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop

@@ -216,6 +216,32 @@ def test_idle_keep_alive_connection_is_closed(running: Running) -> None:
         assert time.monotonic() - started >= LIMITS.keep_alive_s * 0.8
 
 
+def test_deadlines_move_with_each_request_and_still_fire(running: Running) -> None:
+    # Requests 0.6 s apart: each is past the 0.5 s request timeout of the previous request's start
+    # and, together, past the 1 s idle timeout of the connection's start. The connection must live
+    # on (each deadline moved), then close one idle timeout after the last answer, and a request
+    # that stalls after all this must still get its 408.
+    with connect(running.port) as conn:
+        buf = bytearray()
+        for _ in range(4):
+            conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(conn, buf)[0] == 200
+            time.sleep(0.6)
+        started = time.monotonic()
+        assert closed_by_server(conn, within=LIMITS.keep_alive_s + 2)
+        assert time.monotonic() - started >= LIMITS.keep_alive_s - 0.6 - 0.2
+    with connect(running.port) as conn:
+        buf = bytearray()
+        for _ in range(3):
+            conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(conn, buf)[0] == 200
+            time.sleep(0.3)
+        conn.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        started = time.monotonic()
+        assert read_response(conn, buf)[0] == 408
+        assert LIMITS.request_timeout_s * 0.8 <= time.monotonic() - started <= LIMITS.request_timeout_s + 1
+
+
 def test_http10_and_connection_close_end_the_connection(running: Running) -> None:
     for raw in (b"GET /echo HTTP/1.0\r\n\r\n", b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
         with connect(running.port) as conn:
