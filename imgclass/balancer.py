@@ -248,7 +248,7 @@ def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple
 def submit(balancer: Balancer, request: Request, reply: Reply) -> None:
     """POST /submit. The common case (a free backend, an idle connection to it) runs from protocol
     callbacks, with no task, future or extra turn of the event loop; this took bench/balancer.py's
-    added p50 from ~1.4-1.9 ms to ~0.65 ms (README). Queueing, connecting and retrying go async.
+    added p50 from 1.4-1.9 ms to 0.6-1.0 ms (README). Queueing, connecting and retrying go async.
     """
     exchange = _Exchange(balancer, request, reply)
     backend = balancer.take_now(exchange.policy, exchange.first_k)
