@@ -221,21 +221,20 @@ def test_deadlines_move_with_each_request_and_still_fire(running: Running) -> No
     # and, together, past the 1 s idle timeout of the connection's start. The connection must live
     # on (each deadline moved), then close one idle timeout after the last answer, and a request
     # that stalls after all this must still get its 408.
-    with connect(running.port) as conn:
-        buf = bytearray()
-        for _ in range(4):
+    def spaced_requests(conn: socket.socket, buf: bytearray, count: int, gap: float) -> None:
+        for _ in range(count):
             conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(conn, buf)[0] == 200
-            time.sleep(0.6)
+            time.sleep(gap)
+
+    with connect(running.port) as conn:
+        spaced_requests(conn, bytearray(), 4, 0.6)
         started = time.monotonic()
         assert closed_by_server(conn, within=LIMITS.keep_alive_s + 2)
         assert time.monotonic() - started >= LIMITS.keep_alive_s - 0.6 - 0.2
     with connect(running.port) as conn:
         buf = bytearray()
-        for _ in range(3):
-            conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(conn, buf)[0] == 200
-            time.sleep(0.3)
+        spaced_requests(conn, buf, 3, 0.3)
         conn.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
         started = time.monotonic()
         assert read_response(conn, buf)[0] == 408

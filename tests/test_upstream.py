@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from imgclass.upstream import HostPool, ReadTimeout, Response, UpstreamFailure
 
@@ -40,6 +41,19 @@ async def _serve(handler: Handler) -> tuple[asyncio.AbstractServer, str, list[in
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", accepted
 
 
+@contextlib.asynccontextmanager
+async def _pool(handler: Handler, read_timeout: float = 5.0) -> AsyncIterator[tuple[HostPool, list[int]]]:
+    """A HostPool against a server running `handler`; both closed on the way out."""
+    server, url, accepted = await _serve(handler)
+    pool = HostPool(url, 1.0, read_timeout)
+    try:
+        yield pool, accepted
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def _one_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
     """Answers the first request on a connection; closes on the next without answering, as a server
     whose keep-alive timer fired just as that request arrived."""
@@ -51,9 +65,7 @@ async def _one_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.Stream
 
 def test_a_request_on_a_stale_keep_alive_connection_is_resent_on_a_fresh_one() -> None:
     async def scenario() -> None:
-        server, url, accepted = await _serve(_one_then_hang_up)
-        pool = HostPool(url, 1.0, 5.0)
-        try:
+        async with _pool(_one_then_hang_up) as (pool, accepted):
             assert (await pool.request(b"/a", [], b"x")).body == b"/a"
             assert (await pool.request(b"/b", [], b"x")).body == b"/b"  # the reused connection was dropped
             assert len(accepted) == 2
@@ -70,10 +82,6 @@ def test_a_request_on_a_stale_keep_alive_connection_is_resent_on_a_fresh_one() -
             await asyncio.wait_for(done.wait(), 5)
             assert [(r.body if r else None, e) for r, e in outcomes] == [(b"/c", None)]
             assert len(accepted) == 3
-        finally:
-            pool.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
 
@@ -87,9 +95,7 @@ def test_start_needs_an_idle_connection_and_reports_a_timeout_through_the_callba
         await asyncio.sleep(5)
 
     async def scenario() -> None:
-        server, url, _ = await _serve(silent)
-        pool = HostPool(url, 1.0, 0.2)
-        try:
+        async with _pool(silent, read_timeout=0.2) as (pool, _):
             assert not pool.start(b"/a", [], b"", lambda r, e: None), "no idle connection yet"
             await pool.request(b"/a", [], b"")
             outcomes: list[Exception | None] = []
@@ -97,10 +103,6 @@ def test_start_needs_an_idle_connection_and_reports_a_timeout_through_the_callba
             await asyncio.sleep(0.5)
             assert len(outcomes) == 1 and isinstance(outcomes[0], ReadTimeout)
             assert not pool.idle, "a timed-out connection is closed, never reused"
-        finally:
-            pool.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
 
@@ -115,9 +117,7 @@ def test_a_cancelled_request_never_hands_its_late_answer_to_the_next_one() -> No
             await writer.drain()
 
     async def scenario() -> None:
-        server, url, accepted = await _serve(delayed)
-        pool = HostPool(url, 1.0, 5.0)
-        try:
+        async with _pool(delayed) as (pool, accepted):
             slow = asyncio.ensure_future(pool.request(b"/slow", [], b""))
             await asyncio.sleep(0.05)
             slow.cancel()
@@ -126,10 +126,6 @@ def test_a_cancelled_request_never_hands_its_late_answer_to_the_next_one() -> No
             bodies = [(await pool.request(b"/%d" % i, [], b"")).body for i in range(3)]
             assert bodies == [b"/0", b"/1", b"/2"]
             assert len(accepted) == 2 and len(pool.idle) == 2, "both connections stay usable"
-        finally:
-            pool.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(scenario())
 
