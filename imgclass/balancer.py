@@ -226,12 +226,12 @@ class Balancer:
             self.slots.release(backend)
 
 
-def _request_options(balancer: Balancer, request: Request, body: bytes) -> tuple[str, int | None]:
+def _request_options(balancer: Balancer, request: Request) -> tuple[str, int | None]:
     """policy and number_backend_servers, from the query or a multipart form field."""
     query = request.query if request.query_string else {}
     values = {k: query[k] for k in _OPTIONS if k in query}
     if len(values) < 2:
-        for name, value in form_fields(body, request.content_type, _OPTIONS).items():
+        for name, value in form_fields(request.body, request.content_type, _OPTIONS).items():
             values.setdefault(name, value)
     policy = values.get("policy", balancer.settings.policy)
     if policy not in POLICIES:
@@ -271,7 +271,7 @@ class _Exchange:
         self.balancer = balancer
         self.request = request
         self.reply = reply
-        self.policy, self.first_k = _request_options(balancer, request, request.body)
+        self.policy, self.first_k = _request_options(balancer, request)
         # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
         path = b"/predict"
         if request.query_string:
@@ -320,8 +320,7 @@ class _Exchange:
             raise _timed_out(balancer, backend)
         # Nothing came back, so the backend cannot have answered; classification is idempotent,
         # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
-        balancer.pool.record_failure(backend, exc.reason, connection=True)
-        balancer.count(backend.url, "error")
+        _connection_failed(balancer, backend, exc.reason)
         balancer.retries.inc()
         failed = backend
         backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)
@@ -330,8 +329,7 @@ class _Exchange:
         try:
             response, upstream_ms = await balancer.forward(backend, self.request.body, self.headers, self.path)
         except UpstreamFailure as exc2:
-            balancer.pool.record_failure(backend, exc2.reason, connection=True)
-            balancer.count(backend.url, "error")
+            _connection_failed(balancer, backend, exc2.reason)
             raise UpstreamError(f"Two model servers failed to answer ({exc2.reason}); retry shortly.") from None
         except ReadTimeout:
             raise _timed_out(balancer, backend) from None
@@ -353,6 +351,11 @@ class _Exchange:
             payload = _annotate(payload, backend.url, upstream_ms, self.queued_ms, total * 1000)
         balancer.latency.observe(total)
         return Response(payload, status, out_headers)
+
+
+def _connection_failed(balancer: Balancer, backend: BackendState, reason: str) -> None:
+    balancer.pool.record_failure(backend, reason, connection=True)
+    balancer.count(backend.url, "error")
 
 
 def _timed_out(balancer: Balancer, backend: BackendState) -> UpstreamTimeout:

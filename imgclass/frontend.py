@@ -41,7 +41,7 @@ from .errors import (
     RequestTimeout,
     unexpected,
 )
-from .httpapp import socket_url
+from .httpapp import Deadline, socket_url
 from .payload import too_large
 
 
@@ -157,10 +157,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.lingering_until = 0.0  # > 0: answered with an error, discarding the rest of the upload
         self.paused = False  # by us, because the client pipelines or does not read
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0  # when `timer` fires
-        self.deadline = 0.0
-        self.on_deadline: Callable[[], None] | None = None
+        self.deadline = Deadline(self.loop)
         self._reset()
 
     def _reset(self) -> None:
@@ -181,10 +178,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
-        self._disarm()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering_until:
@@ -365,33 +359,11 @@ class _Connection(asyncio.Protocol):
         self._write(error_response(exc), keep_alive=False, linger=True)
 
     # --- timers and flow control ---
-    # One lazy timer per connection: arming only moves the deadline, and the timer, when it fires
-    # early, re-arms for what is left. Keep-alive and request deadlines move on every request, and
-    # a call_later plus a cancel each time was a measurable share of the CPU per request.
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        deadline = self.loop.time() + seconds
-        self.deadline = deadline
-        self.on_deadline = callback
-        if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-            self.timer_at = deadline
+        self.deadline.set(seconds, callback)
 
     def _disarm(self) -> None:
-        self.on_deadline = None
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        callback = self.on_deadline
-        if callback is None:
-            return
-        if self.deadline > self.loop.time():
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
-            self.timer_at = self.deadline
-            return
-        self.on_deadline = None
-        callback()
+        self.deadline.clear()
 
     def _idle_timeout(self) -> None:
         if not self.busy and self.transport is not None:

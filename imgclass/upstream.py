@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .httpapp import Deadline
+
 
 class UpstreamFailure(Exception):
     """The backend gave no response; `kind` says how far the exchange got.
@@ -60,15 +62,13 @@ Callback = Callable[[Response | None, Exception | None], None]
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
 
-    def __init__(self, pool: HostPool) -> None:
+    def __init__(self, pool: HostPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.callback: Callback | None = None
         self.resend: tuple[bytes, bytes] | None = None  # the request, kept while a stale reused connection may drop it
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0  # when `timer` fires
-        self.deadline = 0.0  # of the request in flight; 0 when none
+        self.deadline = Deadline(loop)  # the read timeout of the request in flight
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.got_bytes = False
@@ -88,7 +88,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self.deadline.cancel()
         self.pool.forget(self)
         if self.callback is None:
             return
@@ -99,7 +99,7 @@ class _Connection(asyncio.Protocol):
             # seen the request, so one fresh connection to the same backend gets it instead.
             callback, payload = self.callback, self.resend
             self.callback = self.resend = None
-            self._cancel_timer()
+            self.deadline.clear()
             self.pool.retry_fresh(payload, callback)
         else:
             self._finish(None, UpstreamFailure("connection closed before a response", kind="closed"))
@@ -126,38 +126,16 @@ class _Connection(asyncio.Protocol):
     def _finish(self, response: Response | None, exc: Exception | None) -> None:
         callback = self.callback
         self.callback = self.resend = None
-        self.deadline = 0.0
+        self.deadline.clear()
         if callback is not None:
             callback(response, exc)
 
-    def arm(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        """The read deadline of the request just sent. The timer is lazy, as the front end's: it is
-        created once and re-armed when it fires early, not created and cancelled per request."""
-        deadline = loop.time() + seconds
-        self.deadline = deadline
-        if self.timer is None or self.timer_at > deadline:
-            self._cancel_timer()
-            self.timer = loop.call_at(deadline, self._on_timer, loop)
-            self.timer_at = deadline
-
-    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        if not self.deadline or self.closed:
-            return
-        if self.deadline > loop.time():
-            self.timer = loop.call_at(self.deadline, self._on_timer, loop)
-            self.timer_at = self.deadline
-            return
+    def expire(self) -> None:
         self.close()  # a late reply must not be read as the answer to the next request
         self._finish(None, ReadTimeout())
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def close(self) -> None:
-        self._cancel_timer()
+        self.deadline.cancel()
         if not self.closed:
             self.closed = True
             self.pool.forget(self)
@@ -211,9 +189,7 @@ class HostPool:
         return True
 
     async def request(self, path: bytes, headers: list[tuple[str, str]], body: bytes) -> Response:
-        payload = self.encode(path, headers, body)
-        loop = self._get_loop()
-        future: asyncio.Future[Response] = loop.create_future()
+        future: asyncio.Future[Response] = self._get_loop().create_future()
 
         def done(response: Response | None, exc: Exception | None) -> None:
             if not future.done():  # a caller that was cancelled no longer wants it
@@ -222,10 +198,8 @@ class HostPool:
                 else:
                     future.set_result(response)  # type: ignore[arg-type]
 
-        if self.idle:
-            self._send(self.idle.pop(), payload, done, reused=True)
-        else:
-            self._send(await self._connect(), payload, done, reused=False)
+        if not self.start(path, headers, body, done):
+            self._send(await self._connect(), self.encode(path, headers, body), done, reused=False)
         # Cancelling the wait leaves the connection to read and discard the answer, then rejoin
         # the pool, so nothing late is ever taken for the reply to a later request.
         return await future
@@ -251,7 +225,7 @@ class HostPool:
         conn.resend = payload if reused else None
         assert conn.transport is not None
         conn.transport.writelines(payload)
-        conn.arm(self._get_loop(), self.read_timeout)
+        conn.deadline.set(self.read_timeout, conn.expire)
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -263,7 +237,7 @@ class HostPool:
         loop = self._get_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), self.host, self.port), self.connect_timeout
+                loop.create_connection(lambda: _Connection(self, loop), self.host, self.port), self.connect_timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise UpstreamFailure(f"connect failed: {exc or type(exc).__name__}", kind="connect") from None
