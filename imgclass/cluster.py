@@ -41,24 +41,40 @@ class LocalCluster:
         self.echo = echo
         self.servers: list[Child] = []
         self.balancer: Child | None = None
+        self.extra: list[Child] = []  # further balancers over the same servers
         self.logger = log.get_logger("up", "cluster", ns.log_level)
 
     def start(self) -> str:
         try:
             self.servers = [Child(_server_args(self.ns, i + 1), echo=self.echo) for i in range(self.ns.servers)]
-            urls = [child.wait_url() for child in self.servers]
-            args = ["balance", "--host", self.ns.host, "--port", str(self.ns.port), "--backends", ",".join(urls),
-                    "--policy", self.ns.policy, "--name", "balancer", "--log-level", self.ns.log_level,
-                    "--max-conn", str(self.ns.max_conn), "--queue-size", str(self.ns.queue_size),
-                    "--queue-timeout", str(self.ns.queue_timeout)]  # fmt: skip
-            if self.ns.seed is not None:
-                args += ["--seed", str(self.ns.seed)]
-            env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None
-            self.balancer = Child(args, env=env, echo=self.echo)
+            for child in self.servers:
+                child.wait_url()
+            self.balancer = self._balancer(self.ns.port, self.ns.max_conn)
             return self.balancer.wait_url()
         except BaseException:
             self.stop()
             raise
+
+    def another_balancer(self, max_conn: int) -> str:
+        """One more balancer over the same servers, on a free port, e.g. with another --max-conn.
+
+        Experiments use it to compare configurations without restarting the servers; it is stopped
+        with the cluster.
+        """
+        child = self._balancer(0, max_conn, name=f"balancer{len(self.extra) + 2}")
+        self.extra.append(child)
+        return child.wait_url()
+
+    def _balancer(self, port: int, max_conn: int, name: str = "balancer") -> Child:
+        urls = [child.url or "" for child in self.servers]
+        args = ["balance", "--host", self.ns.host, "--port", str(port), "--backends", ",".join(urls),
+                "--policy", self.ns.policy, "--name", name, "--log-level", self.ns.log_level,
+                "--max-conn", str(max_conn), "--queue-size", str(self.ns.queue_size),
+                "--queue-timeout", str(self.ns.queue_timeout)]  # fmt: skip
+        if self.ns.seed is not None:
+            args += ["--seed", str(self.ns.seed)]
+        env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None
+        return Child(args, env=env, echo=self.echo)
 
     def supervise_once(self) -> None:
         """Restart any server that died, on its old port, so the balancer re-admits it."""
@@ -76,8 +92,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         # balancer first, so nothing new is sent to servers that are draining
-        if self.balancer is not None:
-            self.balancer.stop()
+        stop_all([*self.extra, *([self.balancer] if self.balancer is not None else [])])
         stop_all(self.servers)
 
 

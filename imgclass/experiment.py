@@ -39,19 +39,26 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def target_service(args: argparse.Namespace, local: bool, **cluster: object) -> Iterator[str]:
-    """The balancer base URL: a local cluster started (and stopped) here, or the given one."""
-    if not local:
-        yield balancer_url_from_cluster(args.cluster_file) if args.cluster_file else args.url.rstrip("/")
-        return
+def local_cluster(**cluster: object) -> Iterator[tuple[LocalCluster, str]]:
+    """A local cluster (`imgclass up` options from the defaults table), started and always stopped."""
     ns = cluster_options(log_level="WARNING", **cluster)
     running = LocalCluster(ns, echo=False)
     print(f"# starting a local cluster: {ns.servers} {ns.backend} server(s)", file=sys.stderr, flush=True)
     url = running.start()
     try:
-        yield url
+        yield running, url
     finally:
         running.stop()
+
+
+@contextmanager
+def target_service(args: argparse.Namespace, local: bool, **cluster: object) -> Iterator[str]:
+    """The balancer base URL: a local cluster started (and stopped) here, or the given one."""
+    if not local:
+        yield balancer_url_from_cluster(args.cluster_file) if args.cluster_file else args.url.rstrip("/")
+        return
+    with local_cluster(**cluster) as (_, url):
+        yield url
 
 
 def jpeg_of(path: Path, size: int, quality: int = 90) -> bytes:

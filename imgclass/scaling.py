@@ -8,11 +8,20 @@ import math
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from . import loadgen, plots
-from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
+from .experiment import (
+    add_target_arguments,
+    default_images_dir,
+    jpeg_of,
+    local_cluster,
+    multipart,
+    target_service,
+    write_json,
+)
 from .policies import POLICIES
 from .process import terminate_as_interrupt
 from .queueing import simulate_jsq_mean_response, theory_mean_response
@@ -44,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="start a local cluster (sleep backend) with max(n) servers")
     p.add_argument("--backend", default="sleep", help="--local: model backend [default sleep]")
     p.add_argument("--service-time", default="exp:20ms", help="--local sleep backend: service times [default exp:20ms]")
-    p.add_argument("--max-conn", type=int, default=0, metavar="K",
-                   help="--local: balancer --max-conn; 1 queues centrally at the balancer, the M/M/c of the theory "
-                        "for every policy [default 0: each server queues its own]")  # fmt: skip
+    p.add_argument("--max-conn", default="0", metavar="K|POLICY=K,...",
+                   help="--local: balancer --max-conn, for all policies or per policy (e.g. least_outstanding=1; "
+                        "the others get 0); 1 queues centrally at the balancer, which makes the theory M/M/c "
+                        "[default 0: each server queues its own]")  # fmt: skip
     p.add_argument("--service-ms", type=float, help="mean service time (ms) for --loads and theory without --local")
     p.add_argument("--image-size", type=int, default=64, help="side of the square JPEG sent [default 64]")
     p.add_argument("--image", help="source photo [default ../shared/images/cat_720p.jpg]")
@@ -67,6 +77,32 @@ def _rates(args: argparse.Namespace, n: int, mean_service: float | None) -> list
         loads = [float(x) for x in (args.loads or "0.2,0.4,0.6,0.8").split(",")]
         return [(rho * n / mean_service, rho) for rho in loads]
     return [(rate, rate * mean_service / n if mean_service else None) for rate in values]
+
+
+def parse_max_conn(text: str, policies: list[str]) -> dict[str, int]:
+    """--max-conn as K for every policy, or POLICY=K pairs (policies not named get 0)."""
+    fix = "--max-conn takes K or POLICY=K,... with K a whole number >= 0 (0 = no limit; 1 = the M/M/c central queue)"
+    text = text.strip()
+    try:
+        if "=" not in text:
+            value = int(text)
+            if value < 0:
+                raise ValueError(text)
+            return dict.fromkeys(policies, value)
+        out = dict.fromkeys(policies, 0)
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, k = part.partition("=")
+            name = name.strip()
+            if name not in POLICIES:
+                raise SystemExit(f"--max-conn: unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+            if name not in out:
+                raise SystemExit(f"--max-conn names {name!r}, which is not in --policies")
+            out[name] = int(k)
+            if out[name] < 0:
+                raise ValueError(k)
+        return out
+    except ValueError:
+        raise SystemExit(f"{fix}; got {text!r}") from None
 
 
 def stress(url: str, body: bytes, ctype: str, clients: int, timeout: float = 60.0) -> dict[str, Any]:
@@ -104,11 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     terminate_as_interrupt()
     servers = [int(x) for x in args.servers.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if args.max_conn < 0:
-        raise SystemExit("--max-conn must be a whole number of at least 0 (0 = no limit; 1 = the M/M/c central queue)")
     for policy in policies:
         if policy not in POLICIES:
             raise SystemExit(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    max_conn = parse_max_conn(args.max_conn, policies)
     mean_service = None
     if args.service_ms:
         mean_service = args.service_ms / 1000
@@ -122,12 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    with target_service(args, args.local, servers=max(servers), backend=args.backend,
-                        service_time=args.service_time, seed=args.seed, max_conn=args.max_conn) as base:  # fmt: skip
+    with ExitStack() as stack:
+        urls: dict[int, str] = {}  # balancer base URL by --max-conn
+        if args.local:
+            # One balancer per --max-conn value in use, all over the same servers.
+            first = max_conn[policies[0]]
+            cluster, urls[first] = stack.enter_context(local_cluster(
+                servers=max(servers), backend=args.backend, service_time=args.service_time, seed=args.seed,
+                max_conn=first))  # fmt: skip
+            for k in sorted(set(max_conn.values()) - {first}):
+                urls[k] = cluster.another_balancer(k)
+        else:
+            urls = dict.fromkeys(max_conn.values(), stack.enter_context(target_service(args, False)))
         for n in servers:
             for policy in policies:
                 for rate, rho in _rates(args, n, mean_service):
-                    url = f"{base}/submit?number_backend_servers={n}&policy={policy}"
+                    url = f"{urls[max_conn[policy]]}/submit?number_backend_servers={n}&policy={policy}"
                     duration = max(args.duration, args.warmup + args.min_per_server * n / rate)
                     spec = loadgen.LoadSpec(rate=rate, duration=duration, warmup=args.warmup,
                                             max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
@@ -137,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     # With one slot per server the balancer's queue is the M/M/c queue; its
                     # slots are held for the service plus the dispatch round trip, as measured.
-                    central = args.local and args.max_conn == 1 and math.isfinite(summary.upstream_mean_ms)
+                    central = args.local and max_conn[policy] == 1 and math.isfinite(summary.upstream_mean_ms)
                     hold = summary.upstream_mean_ms / 1000 if central else None
                     theory_s = (
                         theory_mean_response(policy, rate, mean_service, n, hold)
@@ -164,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         if policy == "least_outstanding" and queue_ms and not central
                         else None,
-                        "max_conn": args.max_conn if args.local else None,
+                        "max_conn": max_conn[policy] if args.local else None,
                         "backends_used": len(summary.backends),
                     }
                     rows.append(row)
@@ -178,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.5)  # let the queues drain between runs
         stress_result = None
         if args.stress:
-            stress_result = stress(f"{base}/submit?number_backend_servers={max(servers)}", body, ctype, args.stress)
+            stress_result = stress(
+                f"{urls[max_conn[policies[0]]]}/submit?number_backend_servers={max(servers)}", body, ctype, args.stress
+            )
             print(f"stress: {args.stress} requests at once -> {stress_result}", flush=True)
             write_json(out / "stress.json", stress_result)
     write_json(out / "scaling.json", {"started": started, "argv": sys.argv[1:], "rows": rows, "stress": stress_result})

@@ -58,12 +58,16 @@ def test_test_scaling_short_mode(tmp_path: Path, model_dir: Path) -> None:
     proc = _run_script(
         "test_scaling.py", "--local", "--servers", "1,2", "--policies", "random,least_outstanding,p2c",
         "--loads", "0.3,0.6", "--duration", "3", "--warmup", "0.5", "--service-time", "exp:10ms",
-        "--stress", "40", "--out", str(out), "--quiet", model_dir=model_dir,
+        "--max-conn", "least_outstanding=1", "--stress", "40", "--out", str(out), "--quiet", model_dir=model_dir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "scaling.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 3 * 2
+    # least_outstanding ran on a second balancer with one slot per server: its overlay is M/M/c
+    # over the measured slot holding time, so it has no JSQ simulation.
+    assert {(r["policy"], r["max_conn"]) for r in rows} == {("random", "0"), ("least_outstanding", "1"), ("p2c", "0")}
+    assert all(r["jsq_sim_ms"] == "" and r["upstream_mean_ms"] != "" for r in rows if r["max_conn"] == "1")
     for column in ("servers", "policy", "offered_rate", "achieved_rate", "mean_ms", "p50_ms", "p90_ms", "p95_ms",
                    "p99_ms", "p999_ms", "max_ms", "mean_ci_low_ms", "p50_ci_high_ms", "throughput", "errors",
                    "dropped", "theory_mean_ms", "theory_error", "utilisation"):  # fmt: skip

@@ -222,3 +222,16 @@ def test_request_ids_are_unique_and_a_reseed_changes_the_stream() -> None:
     log._ids.setstate(state)
     log._reseed()  # what a forked child runs
     assert log.new_request_id() != following
+
+
+def test_max_conn_for_every_policy_or_per_policy() -> None:
+    from imgclass.scaling import parse_max_conn
+
+    both = ["random", "least_outstanding"]
+    assert parse_max_conn("1", both) == {"random": 1, "least_outstanding": 1}
+    assert parse_max_conn("least_outstanding=1", both) == {"random": 0, "least_outstanding": 1}
+    assert parse_max_conn(" random=2, least_outstanding=1 ", both) == {"random": 2, "least_outstanding": 1}
+    for bad, says in [("-1", "whole number"), ("x", "whole number"), ("random=-3", "whole number"),
+                      ("nope=1", "unknown policy"), ("p2c=1", "not in --policies")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=says):
+            parse_max_conn(bad, both)
