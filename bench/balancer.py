@@ -8,6 +8,10 @@ saturation (wrk if installed, else our closed-loop client), and the p50/p99 late
 adds at half load compared with calling the backends directly (open-loop Poisson; "direct" picks
 a backend at random per request on the client, so every backend carries the same load as behind
 a proxy; saturation "direct" is one backend).
+
+With two cores or more (--pin, the default), the proxy under test gets the last core to itself and
+the backends, the load generator and wrk share the others, as on the testbed, where the balancer
+has a node of its own. Both proxies are pinned alike. --no-pin lets everything share every core.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import Nginx, cpu_seconds, find_nginx, run_queue_seconds  # noqa: E402
+from common import Nginx, cpu_seconds, find_nginx, pin, run_queue_seconds  # noqa: E402
 
 from imgclass import loadgen  # noqa: E402
 from imgclass.experiment import jpeg_of, multipart  # noqa: E402
@@ -87,11 +91,21 @@ def main() -> int:
     parser.add_argument("--round-seconds", type=float, default=3.0, help="length of one half-load run")
     parser.add_argument("--service-time", default="const:2ms")
     parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images"))
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="give the proxy a core of its own (needs 2 cores) [default on]")  # fmt: skip
     args = parser.parse_args()
     env = {"IMGCLASS_LOG_LEVEL": "WARNING"}
     body, ctype = upload(Path(args.images))
+    cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpus = {cpus[-1]} if args.pin and len(cpus) >= 2 else set(cpus)
+    if args.pin and len(cpus) >= 2:
+        # before any child or thread starts, so backends, wrk and the generator's timer inherit it
+        os.sched_setaffinity(0, set(cpus[:-1]))
+    placement = (f"proxy pinned to CPU {cpus[-1]}, everything else on CPU {','.join(map(str, cpus[:-1]))}"
+                 if len(proxy_cpus) == 1 and len(cpus) >= 2 else "no pinning: all processes share every core")  # fmt: skip
     print(f"# bench/balancer.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  "
-          f"{args.backends} sleep backends ({args.service_time}, 16 threads each), upload {len(body)} bytes")  # fmt: skip
+          f"{args.backends} sleep backends ({args.service_time}, 16 threads each), upload {len(body)} bytes; "
+          f"{placement}")  # fmt: skip
     nginx_bin = find_nginx(install=True)
     children: list[Child] = []
     nginx: Nginx | None = None
@@ -102,6 +116,7 @@ def main() -> int:
         ours = Child(["balance", "--port", "0", "--backends", ",".join(backends), "--seed", "1"], env=env)
         children.append(ours)
         ours_url = ours.wait_url() + "/submit"
+        pin(ours.pid, proxy_cpus)
         targets: dict[str, tuple[str, list[int]]] = {"direct": (backends[0] + "/predict", [])}
         # direct = the client picks a backend at random itself: same load per backend, one hop fewer
         spread = tuple(b + "/predict" for b in backends)
@@ -111,6 +126,8 @@ def main() -> int:
             servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
             nginx = Nginx(nginx_bin, NGINX_HTTP.format(servers=servers), NGINX_SERVER)
             targets["nginx"] = (nginx.url + "/submit", nginx.pids())
+            for pid in nginx.pids():
+                pin(pid, proxy_cpus)
         else:
             print("# SKIP nginx: not installed and could not be installed; only our balancer is measured")
 
@@ -191,7 +208,7 @@ def main() -> int:
           f"{'PASS' if added['imgclass'][0] <= 1 else 'FAIL'}")  # fmt: skip
     print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
           f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} rounds of "
-          f"{args.round_seconds:g} s, targets shuffled in each")  # fmt: skip
+          f"{args.round_seconds:g} s, targets shuffled in each; {placement}")  # fmt: skip
     return 0
 
 

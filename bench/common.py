@@ -50,6 +50,12 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / TICKS, kernel / TICKS
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Set the CPU affinity of every thread of a process (sched_setaffinity on a pid moves one thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of these processes, every thread included."""
     return sum(cpu_split(pids))

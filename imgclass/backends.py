@@ -174,28 +174,37 @@ class SleepBackend(Backend):
         return None  # nothing to warm, and a warm-up sleep would only delay readiness
 
     def engine(self, worker: int) -> Engine:
-        rng = random.Random(None if self._seed is None else self._seed * 1000 + worker)
-        uniform = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, np.float32)
-        overshoot = 0.0  # how late time.sleep wakes, learned as we go, so the mean stays exact
-        free_at = 0.0  # when this worker's previous job left, on the emulated clock
+        return _SleepEngine(
+            self.distribution, random.Random(None if self._seed is None else self._seed * 1000 + worker)
+        )
 
-        def run(batch: np.ndarray, arrived: float) -> np.ndarray:
-            nonlocal overshoot, free_at
-            # An exact FIFO server: service starts when the job arrives or the previous one leaves,
-            # whichever is later (Lindley's recursion), and the whole of it is the drawn time; decoding
-            # runs inside it. Starting from when a worker thread gets going instead would add the
-            # thread -> event loop -> thread handoff (~0.4 ms on a busy host) to every service.
-            start = max(arrived, free_at)
-            deadline = start + sum(self.distribution.sample(rng) for _ in range(len(batch)))
-            free_at = deadline
-            wait = deadline - time.perf_counter() - overshoot
-            if wait > 0:
-                time.sleep(wait)
-                late = time.perf_counter() - deadline
-                overshoot = min(0.002, max(0.0, overshoot + 0.2 * late))
-            return np.tile(uniform, (len(batch), 1))
 
-        return run
+class _SleepEngine:
+    """One worker's emulated FIFO server; `service_ms` is the service time drawn for its last batch."""
+
+    def __init__(self, distribution: ServiceTime, rng: random.Random) -> None:
+        self.distribution = distribution
+        self.rng = rng
+        self.uniform = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES, np.float32)
+        self.overshoot = 0.0  # how late time.sleep wakes, learned as we go, so the mean stays exact
+        self.free_at = 0.0  # when this worker's previous job left, on the emulated clock
+        self.service_ms = 0.0
+
+    def __call__(self, batch: np.ndarray, arrived: float) -> np.ndarray:
+        # An exact FIFO server: service starts when the job arrives or the previous one leaves,
+        # whichever is later (Lindley's recursion), and the whole of it is the drawn time; decoding
+        # runs inside it. Starting from when a worker thread gets going instead would add the
+        # thread -> event loop -> thread handoff (~0.4 ms on a busy host) to every service.
+        start = max(arrived, self.free_at)
+        service = sum(self.distribution.sample(self.rng) for _ in range(len(batch)))
+        self.service_ms = service * 1000
+        deadline = self.free_at = start + service
+        wait = deadline - time.perf_counter() - self.overshoot
+        if wait > 0:
+            time.sleep(wait)
+            late = time.perf_counter() - deadline
+            self.overshoot = min(0.002, max(0.0, self.overshoot + 0.2 * late))
+        return np.tile(self.uniform, (len(batch), 1))
 
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (LiteRTBackend, KerasBackend, SleepBackend)}

@@ -32,6 +32,7 @@ class Result:
     queue_ms: float
     infer_ms: float
     batch_size: int
+    service_ms: float | None = None  # an emulated service time, when the engine draws one (sleep backend)
 
 
 Decoder = Callable[[bytes], np.ndarray]
@@ -75,6 +76,7 @@ def run_batch(engine: Engine, decode: Decoder, jobs: list[Job]) -> list[Result |
                 queue_ms=(picked - job.enqueued) * 1000,
                 infer_ms=infer_ms,
                 batch_size=len(arrays),
+                service_ms=getattr(engine, "service_ms", None),
             )
     return out  # type: ignore[return-value]
 

@@ -187,6 +187,7 @@ class Outcome:
     error: str  # "" on success
     station_ms: float = math.nan
     upstream_ms: float = math.nan
+    service_ms: float = math.nan
 
 
 async def send(client: Client, url: str, body: bytes, headers: list[tuple[str, str]], station: bool = False) -> Outcome:
@@ -208,23 +209,28 @@ def _headers(target: Target) -> list[tuple[str, str]]:
     return list(merged.items())
 
 
-def _timings(payload: bytes) -> tuple[float, float]:
-    """(station, upstream) ms from the answer's timing_ms.
+def _timings(payload: bytes) -> tuple[float, float, float]:
+    """(station, upstream, service) ms from the answer's timing_ms.
 
     station: time queued at the balancer waiting for a slot, plus the model server's queueing
     station (queue + decode + inference). upstream: the balancer's call to the server, i.e. how
-    long the request held its slot there. NaN where the answer does not say.
+    long the request held its slot there. service: the service time the sleep backend drew.
+    NaN where the answer does not say.
     """
     try:
         timing = json.loads(payload)["timing_ms"]
         station = float(timing.get("queued", 0.0)) + float(timing["queue"]) + float(timing["decode"])
         station += float(timing["infer"])
     except (ValueError, KeyError, TypeError, AttributeError):
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
+    return station, _number(timing, "upstream"), _number(timing, "service")
+
+
+def _number(timing: dict[str, object], key: str) -> float:
     try:
-        return station, float(timing["upstream"])
+        return float(timing[key])  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError):
-        return station, math.nan
+        return math.nan
 
 
 async def open_loop(
@@ -263,7 +269,15 @@ async def open_loop(
                 in_flight -= 1
                 completed += 1
             records.add(
-                intended, sent, clock() - start, out.status, out.backend, out.error, out.station_ms, out.upstream_ms
+                intended,
+                sent,
+                clock() - start,
+                out.status,
+                out.backend,
+                out.error,
+                out.station_ms,
+                out.upstream_ms,
+                out.service_ms,
             )
 
         def launch(due: list[float]) -> None:

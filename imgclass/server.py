@@ -124,16 +124,19 @@ class ModelServer:
 
     def response_body(self, result: Result, total_ms: float) -> dict[str, object]:
         labels = self.backend.labels
+        timing = {
+            "decode": round(result.decode_ms, 3),
+            "queue": round(result.queue_ms, 3),
+            "infer": round(result.infer_ms, 3),
+            "total": round(total_ms, 3),
+        }
+        if result.service_ms is not None:
+            timing["service"] = round(result.service_ms, 3)  # the sleep backend's drawn service time
         return {
             "predictions": [{"index": i, "label": labels[i], "score": round(p, 6)} for i, p in result.classes],
             "model": self.backend.model_name,
             "server": self.name,
-            "timing_ms": {
-                "decode": round(result.decode_ms, 3),
-                "queue": round(result.queue_ms, 3),
-                "infer": round(result.infer_ms, 3),
-                "total": round(total_ms, 3),
-            },
+            "timing_ms": timing,
             "batch_size": result.batch_size,
         }
 

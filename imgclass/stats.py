@@ -102,10 +102,11 @@ class Records:
     error: list[str] = field(default_factory=list)  # "" on success; DROPPED if never sent
     station: list[float] = field(default_factory=list)  # ms queued at the balancer + at the server, if known
     upstream: list[float] = field(default_factory=list)  # ms the balancer's call to the server took, if known
+    service: list[float] = field(default_factory=list)  # ms of service the (sleep) server drew, if known
 
     def add(
         self, intended: float, sent: float, done: float, status: int, backend: str, error: str,
-        station: float = math.nan, upstream: float = math.nan,
+        station: float = math.nan, upstream: float = math.nan, service: float = math.nan,
     ) -> None:  # fmt: skip
         self.intended.append(intended)
         self.sent.append(sent)
@@ -115,6 +116,7 @@ class Records:
         self.error.append(error)
         self.station.append(station)
         self.upstream.append(upstream)
+        self.service.append(service)
 
     def __len__(self) -> int:
         return len(self.intended)
@@ -129,18 +131,19 @@ class Records:
             "error": np.asarray(self.error, dtype=object),
             "station": np.asarray(self.station, np.float64),
             "upstream": np.asarray(self.upstream, np.float64),
+            "service": np.asarray(self.service, np.float64),
         }
 
     def save_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["intended_s", "sent_s", "done_s", "status", "backend", "error", "station_ms",
-                             "upstream_ms"])  # fmt: skip
+                             "upstream_ms", "service_ms"])  # fmt: skip
             rows = zip(self.intended, self.sent, self.done, self.status, self.backend, self.error, self.station,
-                       self.upstream, strict=True)  # fmt: skip
+                       self.upstream, self.service, strict=True)  # fmt: skip
             for row in rows:
                 writer.writerow([f"{row[0]:.6f}", f"{row[1]:.6f}", f"{row[2]:.6f}", *row[3:6], f"{row[6]:.3f}",
-                                 f"{row[7]:.3f}"])  # fmt: skip
+                                 f"{row[7]:.3f}", f"{row[8]:.3f}"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class RunSummary:
     station_mean_ms: float = math.nan  # mean time queued (balancer, server) and in service, when recorded
     path_overhead_ms: float = math.nan  # mean latency outside it: network, HTTP, balancer, generator
     upstream_mean_ms: float = math.nan  # mean of the balancer's calls to the servers: how long a slot is held
+    service_mean_ms: float = math.nan  # mean service time the servers drew (sleep backend), when reported
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -195,6 +199,7 @@ class RunSummary:
             "station_mean_ms": self.station_mean_ms,
             "path_overhead_ms": self.path_overhead_ms,
             "upstream_mean_ms": self.upstream_mean_ms,
+            "service_mean_ms": self.service_mean_ms,
         }
         return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -217,6 +222,8 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
     overhead = float((latencies[known] - station[known]).mean()) if known.any() else math.nan
     upstream = a["upstream"][ok]
     upstream = upstream[~np.isnan(upstream)]
+    service = a["service"][ok]
+    service = service[~np.isnan(service)]
     return RunSummary(
         offered_rate=offered_rate,
         scheduled_rate=int(in_window.sum()) / duration,
@@ -233,6 +240,7 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
         station_mean_ms=station_mean,
         path_overhead_ms=overhead,
         upstream_mean_ms=float(upstream.mean()) if upstream.size else math.nan,
+        service_mean_ms=float(service.mean()) if service.size else math.nan,
     )
 
 

@@ -68,6 +68,12 @@ def test_test_scaling_short_mode(tmp_path: Path, model_dir: Path) -> None:
     # over the measured slot holding time, so it has no JSQ simulation.
     assert {(r["policy"], r["max_conn"]) for r in rows} == {("random", "0"), ("least_outstanding", "1"), ("p2c", "0")}
     assert all(r["jsq_sim_ms"] == "" and r["upstream_mean_ms"] != "" for r in rows if r["max_conn"] == "1")
+    for row in rows:
+        # the servers report each drawn service time; exp:10ms over >= 60 requests
+        assert 6 < float(row["service_mean_ms"]) < 15
+        assert abs(float(row["measured_utilisation"]) / float(row["utilisation"]) - 1) < 0.5
+        if row["theory_mean_ms"]:
+            assert row["theory_nominal_ms"] != "" and row["nominal_error"] != ""
     for column in ("servers", "policy", "offered_rate", "achieved_rate", "mean_ms", "p50_ms", "p90_ms", "p95_ms",
                    "p99_ms", "p999_ms", "max_ms", "mean_ci_low_ms", "p50_ci_high_ms", "throughput", "errors",
                    "dropped", "theory_mean_ms", "theory_error", "utilisation"):  # fmt: skip

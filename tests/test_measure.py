@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -67,6 +68,27 @@ def test_summarize_counts_from_the_intended_time_and_leaves_out_warmup() -> None
     assert s.errors == {"http_503": 1, "connect_error": 1}
     assert s.achieved_rate == pytest.approx(1.5) and s.scheduled_rate == pytest.approx(2.0)
     assert s.send_lag_p99_ms == pytest.approx(500.0)
+
+
+def test_summary_averages_the_reported_service_times_of_answered_requests() -> None:
+    r = Records()
+    r.add(1.0, 1.0, 1.1, 200, "a", "", station=30.0, upstream=25.0, service=20.0)
+    r.add(1.5, 1.5, 1.6, 200, "a", "", station=50.0, upstream=45.0, service=40.0)
+    r.add(1.7, 1.7, 1.8, 200, "a", "")  # an answer without timings
+    r.add(2.0, 2.0, 2.1, 503, "a", "http_503", service=999.0)
+    s = summarize(r, offered_rate=2.0, warmup_s=0.0, end_s=3.0)
+    assert s.service_mean_ms == pytest.approx(30.0) and s.upstream_mean_ms == pytest.approx(35.0)
+    assert s.flat()["service_mean_ms"] == pytest.approx(30.0)
+
+
+def test_timings_read_from_an_answer() -> None:
+    from imgclass.loadgen import _timings
+
+    doc = {"timing_ms": {"queued": 1.0, "queue": 2.0, "decode": 0.5, "infer": 20.0, "upstream": 24.0, "service": 19.5}}
+    assert _timings(json.dumps(doc).encode()) == (23.5, 24.0, 19.5)
+    station, upstream, service = _timings(b'{"timing_ms": {"queue": 1, "decode": 1, "infer": 3}}')
+    assert station == 5.0 and math.isnan(upstream) and math.isnan(service)
+    assert all(math.isnan(x) for x in _timings(b"not json"))
 
 
 def test_mm1_known_values() -> None:

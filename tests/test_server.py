@@ -224,6 +224,7 @@ def test_sleep_backend_service_time(spawn, images_dir: Path) -> None:
     service = doc["timing_ms"]["queue"] + doc["timing_ms"]["decode"] + doc["timing_ms"]["infer"]
     assert status == 200 and 39 <= service < 80
     assert doc["model"] == "sleep(const:40ms)"
+    assert doc["timing_ms"]["service"] == 40.0  # the drawn service time, which the scaling overlay averages
 
 
 def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
