@@ -9,9 +9,11 @@ adds at half load compared with calling the backends directly (open-loop Poisson
 a backend at random per request on the client, so every backend carries the same load as behind
 a proxy; saturation "direct" is one backend).
 
-With two cores or more (--pin, the default), the proxy under test gets the last core to itself and
-the backends, the load generator and wrk share the others, as on the testbed, where the balancer
-has a node of its own. Both proxies are pinned alike. --no-pin lets everything share every core.
+By default every process shares every core, which is how the targets are checked. --pin (two
+cores or more) gives the proxy under test the last core to itself and puts the backends, the load
+generator and wrk on the others, as on the testbed, where the balancer has a node of its own. Both
+proxies are pinned alike. It separates the proxy's own path from waiting for a shared core, but
+saturation is then that of the other cores, so "half load" is a lower rate.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def main() -> int:
     parser.add_argument("--round-seconds", type=float, default=3.0, help="length of one half-load run")
     parser.add_argument("--service-time", default="const:2ms")
     parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images"))
-    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                        help="give the proxy a core of its own (needs 2 cores) [default on]")  # fmt: skip
+    parser.add_argument("--pin", action="store_true",
+                        help="give the proxy a core of its own (needs 2 cores); see above")  # fmt: skip
     args = parser.parse_args()
     env = {"IMGCLASS_LOG_LEVEL": "WARNING"}
     body, ctype = upload(Path(args.images))
