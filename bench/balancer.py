@@ -99,12 +99,12 @@ def main() -> int:
     env = {"IMGCLASS_LOG_LEVEL": "WARNING"}
     body, ctype = upload(Path(args.images))
     cpus = sorted(os.sched_getaffinity(0))
-    proxy_cpus = {cpus[-1]} if args.pin and len(cpus) >= 2 else set(cpus)
-    if args.pin and len(cpus) >= 2:
+    pinned = args.pin and len(cpus) >= 2
+    if pinned:
         # before any child or thread starts, so backends, wrk and the generator's timer inherit it
         os.sched_setaffinity(0, set(cpus[:-1]))
     placement = (f"proxy pinned to CPU {cpus[-1]}, everything else on CPU {','.join(map(str, cpus[:-1]))}"
-                 if len(proxy_cpus) == 1 and len(cpus) >= 2 else "no pinning: all processes share every core")  # fmt: skip
+                 if pinned else "no pinning: all processes share every core")  # fmt: skip
     print(f"# bench/balancer.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  "
           f"{args.backends} sleep backends ({args.service_time}, 16 threads each), upload {len(body)} bytes; "
           f"{placement}")  # fmt: skip
@@ -118,7 +118,8 @@ def main() -> int:
         ours = Child(["balance", "--port", "0", "--backends", ",".join(backends), "--seed", "1"], env=env)
         children.append(ours)
         ours_url = ours.wait_url() + "/submit"
-        pin(ours.pid, proxy_cpus)
+        if pinned:
+            pin(ours.pid, {cpus[-1]})
         targets: dict[str, tuple[str, list[int]]] = {"direct": (backends[0] + "/predict", [])}
         # direct = the client picks a backend at random itself: same load per backend, one hop fewer
         spread = tuple(b + "/predict" for b in backends)
@@ -128,8 +129,8 @@ def main() -> int:
             servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
             nginx = Nginx(nginx_bin, NGINX_HTTP.format(servers=servers), NGINX_SERVER)
             targets["nginx"] = (nginx.url + "/submit", nginx.pids())
-            for pid in nginx.pids():
-                pin(pid, proxy_cpus)
+            for pid in nginx.pids() if pinned else []:
+                pin(pid, {cpus[-1]})
         else:
             print("# SKIP nginx: not installed and could not be installed; only our balancer is measured")
 

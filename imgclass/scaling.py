@@ -26,7 +26,7 @@ from .policies import POLICIES
 from .process import terminate_as_interrupt
 from .queueing import simulate_jsq_mean_response, theory_mean_response
 from .servicetime import parse_service_time
-from .stats import LatencySummary, write_rows_csv
+from .stats import LatencySummary, RunSummary, write_rows_csv
 
 # Utilisations at which the theory overlay is held to 10% (the target holds for rho <= 0.8).
 THEORY_MAX_RHO = 0.8
@@ -79,8 +79,48 @@ def _rates(args: argparse.Namespace, n: int, mean_service: float | None) -> list
     return [(rate, rate * mean_service / n if mean_service else None) for rate in values]
 
 
-def _finite_ms(seconds: float | None) -> float | None:
-    return seconds * 1000 if seconds is not None and math.isfinite(seconds) else None
+def overlay_columns(
+    policy: str, n: int, rate: float, mean_service: float | None, exponential: bool, summary: RunSummary,
+    central: bool, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The theory columns of one run; the models apply to exponential service times of known mean.
+
+    The model is evaluated at the run's measured arrival rate and mean drawn service time: a finite
+    run realises a load a few percent off the nominal one, and at rho=0.8 the mean response moves
+    five times as much as the load does. The nominal figure (offered rate, configured mean) is kept
+    beside it. Both add the measured path overhead (client latency minus the servers' queue+service:
+    network, HTTP, balancer), which the queueing model does not cover.
+    """
+    measured_service = summary.service_mean_ms / 1000 if math.isfinite(summary.service_mean_ms) else mean_service
+    overhead = summary.path_overhead_ms if math.isfinite(summary.path_overhead_ms) else 0.0
+    # central queue: a slot is held for the service plus the measured dispatch round trip
+    hold = summary.upstream_mean_ms / 1000 if central else None
+    nominal_hold = hold - measured_service + mean_service if hold and measured_service and mean_service else hold
+
+    def model_ms(arrival: float, service: float | None, held: float | None) -> float | None:
+        applies = exponential and mean_service and service
+        seconds = theory_mean_response(policy, arrival, service, n, held) if applies else None
+        return seconds * 1000 if seconds is not None and math.isfinite(seconds) else None
+
+    def error(theory_ms: float | None) -> float | None:
+        return round(summary.latency.mean / theory_ms - 1, 4) if theory_ms else None
+
+    queue_ms = model_ms(summary.achieved_rate, measured_service, hold)
+    nominal_queue_ms = model_ms(rate, mean_service, nominal_hold)
+    theory_ms = queue_ms + overhead if queue_ms is not None else None
+    nominal_ms = nominal_queue_ms + overhead if nominal_queue_ms is not None else None
+    return {
+        "theory_queue_ms": round(queue_ms, 3) if queue_ms else None,
+        "theory_mean_ms": round(theory_ms, 3) if theory_ms else None,
+        "theory_error": error(theory_ms),
+        "measured_utilisation": round(summary.achieved_rate * measured_service / n, 4) if measured_service else None,
+        "theory_nominal_ms": round(nominal_ms, 3) if nominal_ms else None,
+        "nominal_error": error(nominal_ms),
+        # join-the-shortest-queue by simulation, plus the same measured path overhead
+        "jsq_sim_ms": round(simulate_jsq_mean_response(rate, 1 / mean_service, n, seed=seed) * 1000 + overhead, 3)
+        if policy == "least_outstanding" and mean_service and queue_ms and not central
+        else None,
+    }
 
 
 def parse_max_conn(text: str, policies: list[str]) -> dict[str, int]:
@@ -187,51 +227,14 @@ def main(argv: list[str] | None = None) -> int:
                     # With one slot per server the balancer's queue is the M/M/c queue; its
                     # slots are held for the service plus the dispatch round trip, as measured.
                     central = args.local and max_conn[policy] == 1 and math.isfinite(summary.upstream_mean_ms)
-                    hold = summary.upstream_mean_ms / 1000 if central else None
-                    # The overlay is evaluated at this run's measured arrival rate and mean drawn service
-                    # time: a finite run realises a load a few percent off the nominal one, and at rho=0.8
-                    # the mean response moves five times as much as the load does. The nominal figure
-                    # is kept beside it.
-                    applies = exponential and mean_service is not None
-                    measured_service = (
-                        summary.service_mean_ms / 1000 if math.isfinite(summary.service_mean_ms) else mean_service
-                    )
-                    # nominal: the offered rate, the configured mean service, and for the central queue
-                    # a slot held for that service plus the measured dispatch round trip
-                    nominal_hold = hold - measured_service + mean_service if hold and measured_service else hold
-                    nominal_s = theory_mean_response(policy, rate, mean_service, n, nominal_hold) if applies else None
-                    theory_s = (
-                        theory_mean_response(policy, summary.achieved_rate, measured_service, n, hold)
-                        if applies and measured_service
-                        else None
-                    )
-                    queue_ms = _finite_ms(theory_s)
-                    # The model covers the server's queue and service; the network, HTTP and balancer
-                    # path adds a measured constant on top (client latency minus server queue+service).
-                    overhead = summary.path_overhead_ms if math.isfinite(summary.path_overhead_ms) else 0.0
-                    theory_ms = queue_ms + overhead if queue_ms is not None else None
-                    nominal_queue_ms = _finite_ms(nominal_s)
-                    nominal_ms = nominal_queue_ms + overhead if nominal_queue_ms is not None else None
+                    overlay = overlay_columns(policy, n, rate, mean_service, exponential, summary, central, args.seed)
                     row: dict[str, Any] = {
                         "servers": n,
                         "policy": policy,
                         "mean_interval_s": round(1 / rate, 6),
                         "utilisation": round(rho, 4) if rho is not None else None,
                         **summary.flat(),
-                        "theory_queue_ms": round(queue_ms, 3) if queue_ms else None,
-                        "theory_mean_ms": round(theory_ms, 3) if theory_ms else None,
-                        "theory_error": round(summary.latency.mean / theory_ms - 1, 4) if theory_ms else None,
-                        "measured_utilisation": round(summary.achieved_rate * measured_service / n, 4)
-                        if measured_service
-                        else None,
-                        "theory_nominal_ms": round(nominal_ms, 3) if nominal_ms else None,
-                        "nominal_error": round(summary.latency.mean / nominal_ms - 1, 4) if nominal_ms else None,
-                        # join-the-shortest-queue by simulation, plus the same measured path overhead
-                        "jsq_sim_ms": round(
-                            simulate_jsq_mean_response(rate, 1 / mean_service, n, seed=args.seed) * 1000 + overhead, 3
-                        )
-                        if policy == "least_outstanding" and queue_ms and not central
-                        else None,
+                        **overlay,
                         "max_conn": max_conn[policy] if args.local else None,
                         "backends_used": len(summary.backends),
                     }
@@ -239,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.raw:
                         records.save_csv(out / f"scaling_raw_n{n}_{policy}_{rate:.2f}.csv")
                     theory = (
-                        f" theory {theory_ms:.1f} ms (error {row['theory_error']:+.1%}; at nominal load "
-                        f"{nominal_ms:.1f} ms, {row['nominal_error']:+.1%})"
-                        if theory_ms and nominal_ms
+                        f" theory {row['theory_mean_ms']:.1f} ms (error {row['theory_error']:+.1%}; at nominal load "
+                        f"{row['theory_nominal_ms']:.1f} ms, {row['nominal_error']:+.1%})"
+                        if row["theory_mean_ms"] and row["theory_nominal_ms"]
                         else ""
                     )
                     print(f"n={n:<3} {policy:<17} offered {rate:8.2f}/s achieved {summary.achieved_rate:8.2f}/s "

@@ -235,3 +235,33 @@ def test_max_conn_for_every_policy_or_per_policy() -> None:
                       ("nope=1", "unknown policy"), ("p2c=1", "not in --policies")]:  # fmt: skip
         with pytest.raises(SystemExit, match=says):
             parse_max_conn(bad, both)
+
+
+def test_overlay_is_evaluated_at_the_measured_load_with_the_nominal_beside_it() -> None:
+    import math
+
+    from imgclass.scaling import overlay_columns
+    from imgclass.stats import LatencySummary, RunSummary
+
+    # n=1 at rho 0.8 nominally (40/s, 20 ms); the run realised 38/s and 21 ms services (rho 0.798)
+    summary = RunSummary(
+        offered_rate=40.0, scheduled_rate=38.0, achieved_rate=38.0, throughput=38.0, duration_s=100.0,
+        sent=3800, ok=3800, dropped=0, errors={}, latency=LatencySummary.of([110.0, 110.0]),
+        send_lag_p99_ms=0.1, backends={"a": 3800}, station_mean_ms=106.0, path_overhead_ms=4.0,
+        upstream_mean_ms=22.0, service_mean_ms=21.0,
+    )  # fmt: skip
+    cols = overlay_columns("random", 1, 40.0, 0.020, True, summary, False, 1)
+    measured = 21.0 / (1 - 38.0 * 0.021)  # M/M/1 at the realised load, ms
+    assert cols["theory_queue_ms"] == pytest.approx(measured, abs=1e-3)
+    assert cols["theory_mean_ms"] == pytest.approx(measured + 4.0, abs=1e-3)
+    assert cols["theory_error"] == pytest.approx(110.0 / (measured + 4.0) - 1, abs=1e-4)
+    assert cols["theory_nominal_ms"] == pytest.approx(100.0 + 4.0, abs=1e-3)
+    assert cols["measured_utilisation"] == pytest.approx(0.798)
+    assert cols["jsq_sim_ms"] is None
+    # not exponential: no model, but the realised load is still reported
+    cols = overlay_columns("random", 1, 40.0, 0.020, False, summary, False, 1)
+    assert (
+        cols["theory_mean_ms"] is None
+        and cols["nominal_error"] is None
+        and not math.isnan(cols["measured_utilisation"])
+    )
