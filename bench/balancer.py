@@ -7,7 +7,9 @@ Prints CPU ms per forwarded request for each proxy (from /proc), their ratio, th
 saturation (wrk if installed, else our closed-loop client), and the p50/p99 latency each proxy
 adds at half load compared with calling the backends directly (open-loop Poisson; "direct" picks
 a backend at random per request on the client, so every backend carries the same load as behind
-a proxy; saturation "direct" is one backend).
+a proxy; saturation "direct" is one backend). It also reads, per forwarded request, each proxy's
+run-queue wait (runnable, waiting for a core) and preemptions (involuntary context switches),
+which show how much of the added latency is sharing cores rather than the proxy's own path.
 
 By default every process shares every core, which is how the targets are checked. --pin (two
 cores or more) gives the proxy under test the last core to itself and puts the backends, the load
@@ -35,7 +37,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import Nginx, cpu_seconds, find_nginx, pin, run_queue_seconds  # noqa: E402
+from common import Nginx, cpu_seconds, find_nginx, pin, preemptions, run_queue_seconds  # noqa: E402
 
 from imgclass import loadgen  # noqa: E402
 from imgclass.experiment import jpeg_of, multipart  # noqa: E402
@@ -146,26 +148,27 @@ def main() -> int:
         # Many short rounds, each target once per round in a shuffled order: the host drifts
         # (other tenants, frequency), and pairing each proxy with the direct run of its own round
         # cancels most of that drift.
-        rounds: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in targets}
+        rounds: dict[str, list[tuple[float, float, float, float, float]]] = {name: [] for name in targets}
         order = random.Random(7)
         for r in range(args.rounds):
             names = list(targets)
             order.shuffle(names)
             for name in names:
                 url, pids = targets[name]
-                c0, w0 = (cpu_seconds(pids), run_queue_seconds(pids)) if pids else (0.0, 0.0)
+                c0, w0, p0 = (cpu_seconds(pids), run_queue_seconds(pids), preemptions(pids)) if pids else (0, 0, 0)
                 spec = loadgen.LoadSpec(rate=half, duration=args.round_seconds, warmup=0.5, seed=3 + r)
                 target = loadgen.Target(url, body, ctype, spread=spread if name == "direct" else ())
                 records, summary = loadgen.run(target, spec)
                 n = max(len(records), 1)
                 cpu_ms = (cpu_seconds(pids) - c0) / n * 1000 if pids else float("nan")
                 wait_ms = (run_queue_seconds(pids) - w0) / n * 1000 if pids else float("nan")
+                preempted = (preemptions(pids) - p0) / n if pids else float("nan")
                 if summary.errors or summary.dropped:
                     print(f"# warning: {name}: errors {summary.errors} dropped {summary.dropped}")
-                rounds[name].append((summary.latency.p50, summary.latency.p99, cpu_ms, wait_ms))
+                rounds[name].append((summary.latency.p50, summary.latency.p99, cpu_ms, wait_ms, preempted))
             print(f"# round {r + 1}/{args.rounds}: " + "  ".join(
                 f"{n} p50 {v[-1][0]:.2f} p99 {v[-1][1]:.2f}" for n, v in rounds.items()), flush=True)  # fmt: skip
-        lat = {name: tuple(statistics.median(x[i] for x in v) for i in range(4)) for name, v in rounds.items()}
+        lat = {name: tuple(statistics.median(x[i] for x in v) for i in range(5)) for name, v in rounds.items()}
         spread_p50 = {
             k: statistics.quantiles([a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)], n=4)
             for k in rounds
@@ -195,6 +198,7 @@ def main() -> int:
 
     row("CPU ms/request at half load", {k: v[2] for k, v in lat.items() if k != "direct"}, ".3f")
     row("run-queue wait ms/request at half load", {k: v[3] for k, v in lat.items() if k != "direct"}, ".3f")
+    row("preemptions/request at half load", {k: v[4] for k, v in lat.items() if k != "direct"}, ".3f")
     row("CPU ms/request at saturation", {k: v[1] for k, v in sat.items() if k != "direct"}, ".3f")
     row("throughput at saturation (req/s)", {k: v[0] for k, v in sat.items()}, ".0f")
     row(f"p50 ms at half load ({half:.0f} req/s), median", {k: v[0] for k, v in lat.items()}, ".3f")

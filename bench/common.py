@@ -61,6 +61,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_split(pids))
 
 
+def preemptions(pids: list[int]) -> int:
+    """Involuntary context switches of these processes' threads: times a running thread was
+    descheduled, usually because a task it had just woken took its core (/proc status)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += int(status.rsplit("nonvoluntary_ctxt_switches:", 1)[1].split()[0])
+    return total
+
+
 def run_queue_seconds(pids: list[int]) -> float:
     """Time these processes' threads spent runnable but waiting for a core (/proc schedstat)."""
     total = 0
