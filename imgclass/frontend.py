@@ -41,7 +41,7 @@ from .errors import (
     RequestTimeout,
     unexpected,
 )
-from .httpapp import Deadline, socket_url
+from .httpapp import BACKLOG, Deadline, socket_url
 from .payload import too_large
 
 
@@ -404,7 +404,8 @@ class FrontEnd:
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock)
+        # create_server listens again, with its own default backlog of 100 unless told otherwise
+        self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=BACKLOG)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close every connection."""

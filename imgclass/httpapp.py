@@ -11,6 +11,12 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
+# Connections the kernel completes before we accept them. A burst larger than this (a load
+# generator opening hundreds of connections at once) overflows it, and the kernel drops the
+# handshakes: clients retry after 1 s and 3 s or see a reset. nginx's default is 511; the kernel
+# caps it at net.core.somaxconn.
+BACKLOG = 1024
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind before building the app, so that port 0 resolves to a real port the name can carry."""
@@ -24,7 +30,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host.") from exc
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 

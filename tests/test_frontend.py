@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import selectors
 import socket
 import threading
 import time
@@ -286,3 +287,37 @@ def test_drain_finishes_in_flight_requests_then_refuses(running: Running) -> Non
         connect(running.port).sendall(b"GET /echo HTTP/1.1\r\n\r\n")
     conn.close()
     idle.close()
+
+
+def test_a_burst_of_connections_waits_in_the_listen_backlog(running: Running) -> None:
+    # While the loop is busy, only the kernel completes handshakes, up to the listen backlog.
+    # create_server used to listen again with asyncio's default backlog of 100: the rest of a
+    # burst had their handshakes dropped, and clients waited out SYN retries or were reset.
+    n = 300
+    running.loop.call_soon_threadsafe(time.sleep, 1.5)  # the loop accepts nothing meanwhile
+    time.sleep(0.1)
+    conns: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    try:
+        for _ in range(n):
+            conn = socket.socket()
+            conns.append(conn)
+            conn.setblocking(False)
+            conn.connect_ex(("127.0.0.1", running.port))
+            selector.register(conn, selectors.EVENT_WRITE)
+        established = 0
+        deadline = time.monotonic() + 1.0
+        while established < n and time.monotonic() < deadline:
+            for key, _ in selector.select(0.05):
+                selector.unregister(key.fileobj)
+                established += key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # type: ignore[union-attr]
+        assert established == n, f"only {established} of {n} handshakes completed while the loop was busy"
+        for conn in conns:
+            conn.setblocking(True)
+            conn.settimeout(10)
+            conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert [read_response(conn, bytearray())[0] for conn in conns] == [200] * n
+    finally:
+        selector.close()
+        for conn in conns:
+            conn.close()
