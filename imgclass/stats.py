@@ -24,18 +24,47 @@ def percentile(values: np.ndarray | list[float], q: float) -> float:
     return float(arr[min(rank, arr.size) - 1])
 
 
-def batch_means_ci(values: np.ndarray, batches: int = 20, z: float = 1.96) -> tuple[float, float]:
-    """95% CI for the mean by non-overlapping batch means, which tolerates the autocorrelation of queueing data."""
+def batch_means_ci(
+    values: np.ndarray, batches: int = 40, min_batches: int = 10, max_lag1: float = 0.2, level: float = 0.95
+) -> tuple[float, float]:
+    """CI for the mean of a time-ordered series by non-overlapping batch means.
+
+    Queueing data is autocorrelated: neighbouring requests wait behind the same backlog. Batches
+    short against that correlation have correlated means, and the CI comes out too narrow. So,
+    starting from `batches`, neighbouring batches are merged in pairs while the lag-1
+    autocorrelation of their means is above `max_lag1`, down to `min_batches` (Law and Carson's
+    rule, simplified), and the half-width uses Student's t with batches - 1 degrees of freedom.
+
+    Short runs at high load still undercover: over 300 simulated M/M/1 runs of 2000 requests at
+    load 0.8, this covered the true mean 86% of the time, against 81% for the fixed 20 batches
+    with z = 1.96 it replaced (tests/test_measure.py); at load 0.5, 92%. The sample mean of such
+    a run is skewed, which no symmetric interval fixes; longer runs are the remedy.
+    """
+    from scipy.stats import t as student_t
+
     n = values.size
-    if n < 2 * batches:
-        if n < 2:
-            return (math.nan, math.nan)
-        half = z * float(np.std(values, ddof=1)) / math.sqrt(n)
+    if n < 2:
+        return (math.nan, math.nan)
+    if n < 2 * min_batches:  # too few to batch: the plain standard error, as for independent data
+        half = float(student_t.ppf(0.5 + level / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
         return (float(values.mean()) - half, float(values.mean()) + half)
-    usable = n - n % batches
-    means = values[:usable].reshape(batches, -1).mean(axis=1)
-    half = z * float(np.std(means, ddof=1)) / math.sqrt(batches)
+    k = max(min_batches, min(batches, n // 10))  # at least ten requests per batch
+    size = n // k
+    means = values[n - k * size :].reshape(k, size).mean(axis=1)  # the first few go, not the last
+    while k > min_batches and k // 2 >= min_batches and _lag1(means) > max_lag1:
+        if k % 2:
+            means = means[1:]  # drop the oldest batch so the rest pair up
+        means = means.reshape(-1, 2).mean(axis=1)
+        k = means.size
+    half = float(student_t.ppf(0.5 + level / 2, k - 1)) * float(np.std(means, ddof=1)) / math.sqrt(k)
     return (float(means.mean()) - half, float(means.mean()) + half)
+
+
+def _lag1(x: np.ndarray) -> float:
+    """Lag-1 autocorrelation of a short series (0 when it is constant)."""
+    d = x - x.mean()
+    denom = float(d @ d)
+    return float(d[:-1] @ d[1:]) / denom if denom > 0 else 0.0
 
 
 def bootstrap_percentile_ci(
@@ -67,7 +96,10 @@ class LatencySummary:
     max: float
     mean_ci: tuple[float, float]
     p50_ci: tuple[float, float]
-    ci_method: str = "mean: batch means (20 batches); p50: percentile bootstrap (400 resamples)"
+    ci_method: str = (
+        "mean: batch means (40 batches, merged while their lag-1 autocorrelation > 0.2, down to 10; Student t); "
+        "p50: percentile bootstrap (400 resamples)"
+    )
 
     @classmethod
     def of(cls, latencies_ms: np.ndarray | list[float]) -> LatencySummary:
@@ -234,7 +266,8 @@ def summarize(records: Records, offered_rate: float, warmup_s: float, end_s: flo
         ok=int(ok.sum()),
         dropped=int(dropped.sum()),
         errors=dict(errors),
-        latency=LatencySummary.of(latencies),
+        # in the order they were scheduled, as batch means need; records are in completion order
+        latency=LatencySummary.of(latencies[np.argsort(a["intended"][ok], kind="stable")]),
         send_lag_p99_ms=percentile(lag, 99) if lag.size else math.nan,
         backends=dict(Counter(str(b) for b in a["backend"][ok])),
         station_mean_ms=station_mean,
