@@ -10,6 +10,8 @@ a backend at random per request on the client, so every backend carries the same
 a proxy; saturation "direct" is one backend). It also reads, per forwarded request, each proxy's
 run-queue wait (runnable, waiting for a core) and preemptions (involuntary context switches),
 which show how much of the added latency is sharing cores rather than the proxy's own path.
+The added p50 is the median over rounds of (proxy p50 - direct p50); beside it, an exact 95% CI
+for that median from order statistics, so that a PASS or FAIL within the host's noise says so.
 
 By default every process shares every core, which is how the targets are checked. --pin (two
 cores or more) gives the proxy under test the last core to itself and puts the backends, the load
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import re
@@ -42,6 +45,7 @@ from common import Nginx, cpu_seconds, find_nginx, pin, preemptions, run_queue_s
 from imgclass import loadgen  # noqa: E402
 from imgclass.experiment import jpeg_of, multipart  # noqa: E402
 from imgclass.process import Child, stop_all  # noqa: E402
+from imgclass.stats import median_ci  # noqa: E402
 
 NGINX_HTTP = """
     client_body_buffer_size 128k;
@@ -174,6 +178,11 @@ def main() -> int:
             for k in rounds
             if k != "direct" and len(rounds[k]) >= 2
         }
+        added_ci = {
+            k: median_ci([a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)])
+            for k in rounds
+            if k != "direct"
+        }
         added = {
             k: (
                 statistics.median(a[0] - d[0] for a, d in zip(rounds[k], rounds["direct"], strict=True)),
@@ -207,12 +216,17 @@ def main() -> int:
     row("added p99 ms vs direct, median of rounds", {k: v[1] for k, v in added.items()}, ".3f", ratio=False)
     for k, (q1, _, q3) in spread_p50.items():
         print(f"# {k}: added p50 over the {args.rounds} rounds, interquartile range {q1:.3f} to {q3:.3f} ms")
+    for k, (lo, hi) in added_ci.items():
+        print(f"# {k}: added p50, 95% CI for the median over rounds (order statistics) {lo:.3f} to {hi:.3f} ms")
     if "nginx" in lat:
         cpu_ratio = lat["imgclass"][2] / lat["nginx"][2]
         print(f"\ntarget: our CPU/request <= 4 x nginx's at half load: {cpu_ratio:.2f} x -> "
               f"{'PASS' if cpu_ratio <= 4 else 'FAIL'}")  # fmt: skip
-    print(f"target: our added p50 <= 1 ms at half load: {added['imgclass'][0]:.3f} ms -> "
-          f"{'PASS' if added['imgclass'][0] <= 1 else 'FAIL'}")  # fmt: skip
+    point, (lo, hi) = added["imgclass"][0], added_ci["imgclass"]
+    # The verdict is on the median; the CI says whether another run on this host could turn it over.
+    margin = "" if math.isnan(lo) else (" (its CI is all below 1 ms)" if hi <= 1 else
+                                         " (its CI is all above 1 ms)" if lo > 1 else " (its CI straddles 1 ms)")  # fmt: skip
+    print(f"target: our added p50 <= 1 ms at half load: {point:.3f} ms -> {'PASS' if point <= 1 else 'FAIL'}{margin}")
     print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
           f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} rounds of "
           f"{args.round_seconds:g} s, targets shuffled in each; {placement}")  # fmt: skip

@@ -67,6 +67,24 @@ def _lag1(x: np.ndarray) -> float:
     return float(d[:-1] @ d[1:]) / denom if denom > 0 else 0.0
 
 
+def median_ci(values: list[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free CI for the median of independent values: the order statistics
+    (x_(k), x_(n+1-k)) with the largest k whose binomial coverage is still >= `level`.
+    NaN when there are too few values for that coverage (fewer than 6 at 95%)."""
+    from scipy.stats import binom
+
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = x.size
+    best = 0
+    for k in range(1, n // 2 + 1):
+        # P(x_(k) <= median < x_(n+1-k)) = P(k <= B < n+1-k), B ~ Binomial(n, 1/2)
+        if binom.cdf(n - k, n, 0.5) - binom.cdf(k - 1, n, 0.5) >= level:
+            best = k
+    if best == 0:
+        return (math.nan, math.nan)
+    return (float(x[best - 1]), float(x[n - best]))
+
+
 def bootstrap_percentile_ci(
     values: np.ndarray, q: float = 50.0, resamples: int = 400, seed: int = 0
 ) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from imgclass import loadgen, queueing
-from imgclass.stats import DROPPED, LatencySummary, Records, batch_means_ci, percentile, summarize
+from imgclass.stats import DROPPED, LatencySummary, Records, batch_means_ci, median_ci, percentile, summarize
 
 
 def test_percentiles_exact_nearest_rank() -> None:
@@ -203,3 +203,17 @@ def test_summary_batches_latencies_in_scheduled_order_not_completion_order() -> 
     # batching a shuffled order would hide the wandering and give a much narrower interval
     shuffled_ci = LatencySummary.of(latency[rng.permutation(1000)] * 1000).mean_ci
     assert shuffled_ci[1] - shuffled_ci[0] < (a.mean_ci[1] - a.mean_ci[0]) / 2
+
+
+def test_median_ci_is_the_exact_order_statistic_interval() -> None:
+    # n = 15: (x_(4), x_(12)) covers the median with probability 0.965; (x_(5), x_(11)) only 0.882
+    assert median_ci(list(range(15, 0, -1))) == (4.0, 12.0)
+    # n = 6: only (min, max) reaches 95% (0.969)
+    assert median_ci([3, 1, 2, 6, 5, 4]) == (1.0, 6.0)
+    assert all(math.isnan(v) for v in median_ci([1, 2, 3, 4, 5]))  # max coverage 0.9375
+    rng = np.random.default_rng(9)
+    hits = 0
+    for _ in range(2000):
+        lo, hi = median_ci(rng.exponential(1.0, 15))
+        hits += lo <= math.log(2) <= hi  # the median of Exp(1)
+    assert 0.95 <= hits / 2000 <= 0.98  # 0.965 exactly in expectation
