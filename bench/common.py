@@ -62,8 +62,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def preemptions(pids: list[int]) -> int:
-    """Involuntary context switches of these processes' threads: times a running thread was
-    descheduled, usually because a task it had just woken took its core (/proc status)."""
+    """Involuntary context switches of these processes' threads: times a thread was descheduled
+    while it could still run, because another task took its core (/proc status)."""
     total = 0
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():

@@ -51,7 +51,7 @@ def batch_means_ci(
     k = max(min_batches, min(batches, n // 10))  # at least ten requests per batch
     size = n // k
     means = values[n - k * size :].reshape(k, size).mean(axis=1)  # the first few go, not the last
-    while k > min_batches and k // 2 >= min_batches and _lag1(means) > max_lag1:
+    while k // 2 >= min_batches and _lag1(means) > max_lag1:
         if k % 2:
             means = means[1:]  # drop the oldest batch so the rest pair up
         means = means.reshape(-1, 2).mean(axis=1)
