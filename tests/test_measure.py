@@ -65,6 +65,13 @@ def test_batch_means_ci_covers_the_mean_of_autocorrelated_queueing_data() -> Non
     assert merged >= 0.85
     assert merged > _coverage(runs, truth, batches=20, min_batches=20)  # a fixed 20 batches is narrower
 
+    def old_rule(x: np.ndarray) -> tuple[float, float]:  # before session 7: 20 batches, z = 1.96
+        means = x[: x.size - x.size % 20].reshape(20, -1).mean(axis=1)
+        half = 1.96 * float(np.std(means, ddof=1)) / math.sqrt(20)
+        return float(means.mean()) - half, float(means.mean()) + half
+
+    assert sum(lo <= truth <= hi for lo, hi in map(old_rule, runs)) / len(runs) < 0.83
+
 
 def test_batch_means_ci_is_exact_on_independent_data() -> None:
     rng = np.random.default_rng(4)
