@@ -28,7 +28,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .frontend import App, Reply, Request, Response, healthz, json_response, metrics_handler
+from .frontend import App, CountByLabels, Reply, Request, Response, healthz, json_response, metrics_handler
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .payload import form_fields
@@ -141,7 +141,7 @@ class Balancer:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
             registry=self.registry,
         )  # fmt: skip
-        self._counters: dict[tuple[str, int | str], Counter] = {}
+        self._count = CountByLabels(self.requests)
         self.retries = Counter(
             "imgclass_balancer_retries", "Requests retried on another backend", registry=self.registry
         )
@@ -169,11 +169,7 @@ class Balancer:
             upstream.close()
 
     def count(self, url: str, status: int | str) -> None:
-        """requests{backend,status} += 1, with the labelled child cached off the hot path."""
-        child = self._counters.get((url, status))
-        if child is None:
-            child = self._counters[(url, status)] = self.requests.labels(url, str(status))
-        child.inc()
+        self._count.inc(url, status)
 
     def take_now(self, policy: str, first_k: int | None) -> BackendState | None:
         """A backend with a slot taken if one is free now; None if the request must wait in the queue."""

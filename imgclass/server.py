@@ -15,7 +15,7 @@ from . import config, log
 from .backends import Backend, BackendOptions, load_backend
 from .batching import Batcher, Job, Result
 from .errors import BadParameter, ConfigError, NotReady
-from .frontend import App, Request, Response, healthz, json_response, metrics_handler
+from .frontend import App, CountByLabels, Request, Response, healthz, json_response, metrics_handler
 from .frontend import serve as serve_app
 from .httpapp import bind_socket, run_async, socket_url
 from .images import decode
@@ -191,15 +191,12 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
         app.route(method, path, functools.partial(handler, server))
     app.route("GET", "/healthz", healthz)
     app.route("GET", "/metrics", metrics_handler(server.registry))
-    counters: dict[tuple[str, int], Counter] = {}  # labelled children, looked up once (few routes x statuses)
+    requests = CountByLabels(server.requests)
     verbose = logger.enabled(logging.INFO)
 
     def on_done(request: Request, status: int, seconds: float) -> None:
         route = request.path if request.path in app.routes else "other"
-        counter = counters.get((route, status))
-        if counter is None:
-            counter = counters[(route, status)] = server.requests.labels(route, str(status))
-        counter.inc()
+        requests.inc(route, status)
         if verbose and route == "/predict":
             logger.info("predict", status=status, ms=f"{seconds * 1000:.2f}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,7 +17,6 @@ class _Waiter:
     policy: Policy
     first_k: int | None
     exclude: BackendState | None
-    since: float
 
 
 class Slots:
@@ -38,7 +36,6 @@ class Slots:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.queue: deque[_Waiter] = deque()
-        self.queued_total = 0
         self.refused_full = 0
         self.refused_timeout = 0
 
@@ -72,9 +69,8 @@ class Slots:
                 retry_after=1,
             )
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), policy, first_k, exclude, time.monotonic())
+        waiter = _Waiter(loop.create_future(), policy, first_k, exclude)
         self.queue.append(waiter)
-        self.queued_total += 1
         timer = loop.call_later(self.queue_timeout, self._expire, waiter)
         try:
             return await waiter.future
@@ -126,16 +122,3 @@ class Slots:
                     retry_after=1,
                 )
             )
-
-    def snapshot(self) -> dict[str, object]:
-        now = time.monotonic()
-        return {
-            "max_conn": self.max_conn,
-            "queued": len(self.queue),
-            "oldest_wait_s": round(now - self.queue[0].since, 3) if self.queue else 0.0,
-            "queue_size": self.queue_size,
-            "queue_timeout_s": self.queue_timeout,
-            "queued_total": self.queued_total,
-            "refused_full": self.refused_full,
-            "refused_timeout": self.refused_timeout,
-        }

@@ -18,6 +18,12 @@ def _pool(n: int) -> Pool:
     return Pool([f"http://b{i}" for i in range(n)], HealthSettings(), log.get_logger("t", "balancer", "WARNING"))
 
 
+def _setup(n: int, queue_size: int = 1024, queue_timeout: float = 10.0) -> tuple[Pool, Slots, Random]:
+    """n backends with one slot each, and a seeded random policy."""
+    pool = _pool(n)
+    return pool, Slots(pool, 1, queue_size, queue_timeout), Random(random.Random(1))
+
+
 def _run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro, 10))
 
@@ -38,9 +44,7 @@ def test_without_a_limit_nothing_waits() -> None:
 
 def test_full_slots_queue_first_come_first_served() -> None:
     async def go() -> None:
-        pool = _pool(2)
-        slots = Slots(pool, max_conn=1)
-        policy = Random(random.Random(1))
+        pool, slots, policy = _setup(2)
         a = await slots.acquire(policy, None)
         b = await slots.acquire(policy, None)
         assert {a.url, b.url} == {"http://b0", "http://b1"}
@@ -76,9 +80,7 @@ def test_full_slots_queue_first_come_first_served() -> None:
 
 def test_queue_is_bounded_in_length_and_time() -> None:
     async def go() -> None:
-        pool = _pool(1)
-        slots = Slots(pool, max_conn=1, queue_size=2, queue_timeout=0.05)
-        policy = Random(random.Random(1))
+        pool, slots, policy = _setup(1, queue_size=2, queue_timeout=0.05)
         await slots.acquire(policy, None)
         waiting = [asyncio.create_task(slots.acquire(policy, None)) for _ in range(2)]
         await asyncio.sleep(0)
@@ -97,9 +99,7 @@ def test_queue_is_bounded_in_length_and_time() -> None:
 
 def test_a_client_that_leaves_gives_its_place_and_any_slot_back() -> None:
     async def go() -> None:
-        pool = _pool(1)
-        slots = Slots(pool, max_conn=1)
-        policy = Random(random.Random(1))
+        pool, slots, policy = _setup(1)
         held = await slots.acquire(policy, None)
         leaving = asyncio.create_task(slots.acquire(policy, None))
         staying = asyncio.create_task(slots.acquire(policy, None))
@@ -117,9 +117,7 @@ def test_a_client_that_leaves_gives_its_place_and_any_slot_back() -> None:
 
 def test_a_waiter_keeps_its_place_until_a_slot_in_its_scope_frees() -> None:
     async def go() -> None:
-        pool = _pool(2)
-        slots = Slots(pool, max_conn=1)
-        policy = Random(random.Random(1))
+        _, slots, policy = _setup(2)
         b0 = await slots.acquire(policy, 1)  # number_backend_servers=1: only b0
         b1 = await slots.acquire(policy, None)
         assert (b0.url, b1.url) == ("http://b0", "http://b1")
@@ -136,10 +134,8 @@ def test_a_waiter_keeps_its_place_until_a_slot_in_its_scope_frees() -> None:
 
 def test_queued_requests_go_when_a_backend_comes_up() -> None:
     async def go() -> None:
-        pool = _pool(2)
-        slots = Slots(pool, max_conn=1)
+        pool, slots, policy = _setup(2)
         pool.on_available = slots.kick
-        policy = Random(random.Random(1))
         pool.backends[1].healthy = False
         await slots.acquire(policy, None)
         waiting = asyncio.create_task(slots.acquire(policy, None))
@@ -158,9 +154,7 @@ def test_queued_requests_go_when_a_backend_comes_up() -> None:
 
 def test_a_slot_no_waiter_can_use_goes_to_a_newcomer_at_once() -> None:
     async def go() -> None:
-        pool = _pool(2)
-        slots = Slots(pool, max_conn=1)
-        policy = Random(random.Random(1))
+        _, slots, policy = _setup(2)
         b0 = await slots.acquire(policy, 1)
         b1 = await slots.acquire(policy, None)
         scoped = asyncio.create_task(slots.acquire(policy, 1))  # can only use b0
