@@ -277,7 +277,7 @@ class _Exchange:
         self.path = path
         self.headers = [
             ("Content-Type", request.content_type or "application/octet-stream"),
-            (log.REQUEST_ID_HEADER, log.request_id.get()),
+            (log.REQUEST_ID_HEADER, request.id),
         ]
         self.queued_ms = 0.0
         self.backend: BackendState | None = None
@@ -287,6 +287,7 @@ class _Exchange:
         """The fast path's upstream callback."""
         balancer, backend = self.balancer, self.backend
         assert backend is not None
+        log.request_id.set(self.request.id)  # this runs in the upstream protocol's callback, not ours
         upstream_ms = (time.perf_counter() - self.sent) * 1000
         balancer.slots.release(backend)
         if exc is not None:

@@ -48,7 +48,7 @@ from .payload import too_large
 class Request:
     """One HTTP request with its body already read."""
 
-    __slots__ = ("_query", "body", "headers", "method", "path", "query_string")
+    __slots__ = ("_query", "body", "headers", "id", "method", "path", "query_string")
 
     def __init__(self, method: str, path: str, query_string: bytes, headers: dict[str, str], body: bytes = b"") -> None:
         self.method = method
@@ -56,6 +56,7 @@ class Request:
         self.query_string = query_string
         self.headers = headers  # names lower-cased
         self.body = body
+        self.id = "-"  # X-Request-ID, given by App.dispatch
         self._query: dict[str, str] | None = None
 
     @property
@@ -484,12 +485,15 @@ class App:
     def dispatch(self, request: Request, reply: Reply) -> None:
         """Route one request; `reply` gets exactly one response, with X-Request-ID, errors as JSON."""
         start = time.perf_counter()
-        rid = request.headers.get("x-request-id") or log.new_request_id()
+        rid = request.id = request.headers.get("x-request-id") or log.new_request_id()
         log.request_id.set(rid)
         rid_header = (b"X-Request-ID", rid.encode("latin-1"))
         on_done = self.on_done
 
         def done(response: Response) -> None:
+            # A direct handler may reply from another request's protocol callback, in whose
+            # context the log's request id is that request's: the access line must carry ours.
+            log.request_id.set(rid)
             response.headers.append(rid_header)
             if on_done is not None:
                 on_done(request, response.status, time.perf_counter() - start)
@@ -521,6 +525,8 @@ class App:
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, request: Request, coro: Coroutine[Any, Any, Response], reply: Reply) -> None:
+        # The task copied the context of whichever callback started it, not necessarily this request's.
+        log.request_id.set(request.id)
         try:
             response = await coro
         except Exception as exc:
