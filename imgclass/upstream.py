@@ -74,6 +74,10 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.closed = False
 
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -183,10 +187,13 @@ class HostPool:
 
     def start(self, path: bytes, headers: list[tuple[str, str]], body: bytes, callback: Callback) -> bool:
         """Send on an idle connection now and call back with the outcome; False if none is idle."""
-        if not self.idle:
-            return False
-        self._send(self.idle.pop(), self.encode(path, headers, body), callback, reused=True)
-        return True
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.usable:
+                self._send(conn, self.encode(path, headers, body), callback, reused=True)
+                return True
+            conn.close()  # the server hung up and the loop has not yet told us (connection_lost pending)
+        return False
 
     async def request(self, path: bytes, headers: list[tuple[str, str]], body: bytes) -> Response:
         future: asyncio.Future[Response] = self._get_loop().create_future()
@@ -221,11 +228,21 @@ class HostPool:
         self._send(conn, payload, callback, reused=False)
 
     def _send(self, conn: _Connection, payload: tuple[bytes, bytes], callback: Callback, reused: bool) -> None:
-        conn.callback = callback
-        conn.resend = payload if reused else None
-        assert conn.transport is not None
-        conn.transport.writelines(payload)
-        conn.deadline.set(self.read_timeout, conn.expire)
+        # A fresh connection can close between connecting and sending (a backend dying with its
+        # listen socket still open). Writing then raises, or is dropped, and the request would wait
+        # for an answer that cannot come: it never left, so it fails as a refused connection does.
+        if conn.usable:
+            conn.callback = callback
+            conn.resend = payload if reused else None
+            try:
+                conn.transport.writelines(payload)  # type: ignore[union-attr]
+            except (RuntimeError, OSError):
+                conn.callback = conn.resend = None
+            else:
+                conn.deadline.set(self.read_timeout, conn.expire)
+                return
+        conn.close()
+        callback(None, UpstreamFailure("connection closed before the request was sent", kind="connect"))
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop

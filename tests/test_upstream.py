@@ -1,10 +1,13 @@
-"""The upstream connection pool against raw in-process servers: stale keep-alive resends, callbacks, cancels."""
+"""The upstream connection pool against raw in-process servers: stale resends, early hang-ups, callbacks, cancels."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
 
 from imgclass.upstream import HostPool, ReadTimeout, Response, UpstreamFailure
 
@@ -144,3 +147,80 @@ def test_a_refused_connection_is_a_connect_failure() -> None:
             raise AssertionError("no failure")
 
     asyncio.run(scenario())
+
+
+async def _hang_up_after_the_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+    """Connection 0 behaves as _one_then_hang_up; every later one is closed as soon as it is
+    accepted, as by a backend whose process is dying while its listen socket still takes connections."""
+    if number == 0:
+        await _one_then_hang_up(reader, writer, number)
+
+
+def _slow_to_send(pool: HostPool) -> None:
+    """Let the server's hang-up reach the new connection before the pool writes the request on it."""
+    connect = pool._connect
+
+    async def connect_then_pause():  # type: ignore[no-untyped-def]
+        conn = await connect()
+        await asyncio.sleep(0.1)
+        return conn
+
+    pool._connect = connect_then_pause  # type: ignore[method-assign]
+
+
+# The balancer runs on uvloop, whose transports raise where asyncio's drop the write: both are tested.
+LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+
+
+@LOOPS
+def test_a_connection_closed_before_the_request_is_written_fails_as_a_refused_one(run) -> None:
+    # It used to raise RuntimeError from the transport, which the balancer answered with a 500.
+    async def scenario() -> None:
+        async with _pool(lambda reader, writer, number: asyncio.sleep(0)) as (pool, accepted):
+            _slow_to_send(pool)
+            try:
+                await asyncio.wait_for(pool.request(b"/", [], b"x"), 5)
+            except UpstreamFailure as exc:
+                assert exc.connect, exc.kind
+            else:
+                raise AssertionError("no failure")
+            assert len(accepted) == 1
+
+    run(scenario())
+
+
+@LOOPS
+def test_a_resend_on_a_connection_that_closed_at_once_still_calls_back(run) -> None:
+    # The stale keep-alive resend ran in a task of the pool's own; the transport's RuntimeError
+    # ended that task, and the request waited forever (the killed-backend test's rare timeout).
+    async def scenario() -> None:
+        async with _pool(_hang_up_after_the_first) as (pool, accepted):
+            assert (await pool.request(b"/a", [], b"x")).body == b"/a"
+            _slow_to_send(pool)
+            outcomes: list[Exception | None] = []
+            done = asyncio.Event()
+
+            def callback(response: Response | None, exc: Exception | None) -> None:
+                outcomes.append(exc)
+                done.set()
+
+            assert pool.start(b"/b", [], b"x", callback)  # dropped by connection 0, resent on connection 1
+            await asyncio.wait_for(done.wait(), 5)
+            await asyncio.sleep(0.1)
+            assert len(outcomes) == 1 and isinstance(outcomes[0], UpstreamFailure) and outcomes[0].connect
+            assert len(accepted) == 2
+
+    run(scenario())
+
+
+@LOOPS
+def test_start_skips_an_idle_connection_the_server_has_closed(run) -> None:
+    async def scenario() -> None:
+        async with _pool(_one_then_hang_up) as (pool, _):
+            await pool.request(b"/a", [], b"x")
+            (conn,) = pool.idle
+            conn.transport.close()  # as when the loop has seen the server's FIN but not yet called connection_lost
+            assert not pool.start(b"/b", [], b"x", lambda r, e: None)
+            assert not pool.idle
+
+    run(scenario())
