@@ -81,7 +81,13 @@ def test_test_scaling_short_mode(tmp_path: Path, model_dir: Path) -> None:
     for row in rows:
         assert abs(float(row["achieved_rate"]) / float(row["offered_rate"]) - 1) < 0.01
         assert int(row["errors"]) == 0
-        assert (row["theory_mean_ms"] != "") == (row["policy"] in ("random", "least_outstanding"))
+        modelled = row["policy"] in ("random", "least_outstanding")
+        if row["max_conn"] == "1":
+            # M/M/c over the measured slot holding time, service plus dispatch round trip: on a host
+            # slow enough for that load to reach 1 there is no steady state, so no figure.
+            held = float(row["achieved_rate"]) * float(row["upstream_mean_ms"]) / 1000 / int(row["servers"])
+            modelled = modelled and held < 1
+        assert (row["theory_mean_ms"] != "") == modelled, row
     assert {int(r["backends_used"]) for r in rows if r["servers"] == "2"} == {2}
     for png in ("scaling_latency.png", "scaling_throughput.png", "scaling_policies.png", "scaling_vs_original.png"):
         assert (out / png).stat().st_size > 5000
