@@ -228,21 +228,17 @@ class HostPool:
         self._send(conn, payload, callback, reused=False)
 
     def _send(self, conn: _Connection, payload: tuple[bytes, bytes], callback: Callback, reused: bool) -> None:
-        # A fresh connection can close between connecting and sending (a backend dying with its
-        # listen socket still open). Writing then raises, or is dropped, and the request would wait
-        # for an answer that cannot come: it never left, so it fails as a refused connection does.
-        if conn.usable:
-            conn.callback = callback
-            conn.resend = payload if reused else None
-            try:
-                conn.transport.writelines(payload)  # type: ignore[union-attr]
-            except (RuntimeError, OSError):
-                conn.callback = conn.resend = None
-            else:
-                conn.deadline.set(self.read_timeout, conn.expire)
-                return
-        conn.close()
-        callback(None, UpstreamFailure("connection closed before the request was sent", kind="connect"))
+        if not conn.usable:
+            # A fresh connection can close between connecting and sending (a backend dying with its
+            # listen socket still open). uvloop's write would raise and asyncio's drop the request,
+            # which then never gets an answer: it never left, so it fails as a refused connection.
+            conn.close()
+            callback(None, UpstreamFailure("connection closed before the request was sent", kind="connect"))
+            return
+        conn.callback = callback
+        conn.resend = payload if reused else None
+        conn.transport.writelines(payload)  # type: ignore[union-attr]
+        conn.deadline.set(self.read_timeout, conn.expire)
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
