@@ -253,7 +253,8 @@ class HostPool:
                 loop.create_connection(lambda: _Connection(self, loop), self.host, self.port), self.connect_timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamFailure(f"connect failed: {exc or type(exc).__name__}", kind="connect") from None
+            # a timeout's str() is empty: name it
+            raise UpstreamFailure(f"connect failed: {str(exc) or type(exc).__name__}", kind="connect") from None
         return conn
 
     def close(self) -> None:

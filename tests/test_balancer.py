@@ -249,6 +249,45 @@ def test_connection_refused_is_retried_on_another_backend(spawn, small_jpeg: byt
     assert float(retries.split()[-1]) >= 1
 
 
+def test_a_backend_that_stops_completing_handshakes_costs_one_connect_timeout(spawn, small_jpeg: bytes) -> None:
+    # A listener that stops accepting, with its accept queue full, drops new SYNs, as a frozen
+    # host or a firewall does: the connect times out (--connect-timeout) and the request goes to
+    # another backend. Until then it answers the balancer's health check, so it starts healthy.
+    good = sleep_servers(spawn, 1)
+    frozen_now = threading.Event()
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.settimeout(0.05)
+        frozen = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer_until_frozen() -> None:
+            while not frozen_now.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+        thread = threading.Thread(target=answer_until_frozen, daemon=True)
+        thread.start()
+        url = spawn("balance", "--port", "0", "--backends", f"{frozen},{good[0]}", "--connect-timeout", "0.3",
+                    "--health-interval", "60").url  # fmt: skip
+        assert all(b["available"] for b in json.loads(http("GET", url + "/backends")[2]))
+        frozen_now.set()
+        thread.join(5)
+        filler.connect(listener.getsockname())  # the queue of one is now full
+        results = burst(url + "/submit?policy=round_robin", small_jpeg, 4, 1)
+        assert [s for s, _, _ in results] == [200] * 4
+        assert {doc["backend"] for _, _, doc in results} == {good[0]}
+        assert max(doc["timing_ms"]["balancer"] for _, _, doc in results) >= 300  # one waited out the timeout
+        state = {b["url"]: b for b in json.loads(http("GET", url + "/backends")[2])}
+        assert state[frozen]["failures"] >= 1 and state[frozen]["ejected_until"] is not None
+
+
 def test_admin_membership(spawn, small_jpeg: bytes) -> None:
     backends = sleep_servers(spawn, 2)
     no_token = balancer(spawn, backends[:1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -224,3 +226,25 @@ def test_start_skips_an_idle_connection_the_server_has_closed(run) -> None:
             assert not pool.idle
 
     run(scenario())
+
+
+def test_a_backend_that_never_completes_the_handshake_is_a_connect_timeout() -> None:
+    # A listener whose accept queue is full drops new SYNs: the client's connect hangs, as it
+    # would behind a firewall or on a frozen host, until the pool's connect timeout.
+    async def scenario(port: int) -> None:
+        pool = HostPool(f"http://127.0.0.1:{port}", 0.3, 5.0)
+        started = time.monotonic()
+        try:
+            await pool.request(b"/", [], b"x")
+        except UpstreamFailure as exc:
+            assert exc.connect and exc.reason == "connect failed: TimeoutError", exc.reason
+        else:
+            raise AssertionError("no failure")
+        assert 0.25 < time.monotonic() - started < 2
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):  # fills the queue of one
+            asyncio.run(scenario(port))
