@@ -460,9 +460,8 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
 
     app.route("GET", "/", index)
     app.route_direct("POST", "/submit", functools.partial(submit, balancer))
-    app.route_direct(
-        "POST", "/predict", functools.partial(submit, balancer)
-    )  # so the model server's curl line works on the balancer too
+    # /predict too, so that the model server's curl line works on the balancer
+    app.route_direct("POST", "/predict", functools.partial(submit, balancer))
     app.route("GET", "/backends", bind(list_backends))
     app.route("POST", "/backends", bind(add_backend))
     app.route("DELETE", "/backends", bind(remove_backend))

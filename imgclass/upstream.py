@@ -228,7 +228,7 @@ class HostPool:
         self._send(conn, payload, callback, reused=False)
 
     def _send(self, conn: _Connection, payload: tuple[bytes, bytes], callback: Callback, reused: bool) -> None:
-        if not conn.usable:
+        if not reused and not conn.usable:  # start() checked the reused ones, and skips closed ones
             # A fresh connection can close between connecting and sending (a backend dying with its
             # listen socket still open). uvloop's write would raise and asyncio's drop the request,
             # which then never gets an answer: it never left, so it fails as a refused connection.
