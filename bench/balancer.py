@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from common import Nginx, cpu_seconds, find_nginx, pin, preemptions, run_queue_seconds  # noqa: E402
 
-from imgclass import loadgen  # noqa: E402
-from imgclass.experiment import jpeg_of, multipart  # noqa: E402
+from imgclass.measure import loadgen  # noqa: E402
+from imgclass.measure.experiment import jpeg_of, multipart  # noqa: E402
+from imgclass.measure.stats import median_ci  # noqa: E402
 from imgclass.process import Child, stop_all  # noqa: E402
-from imgclass.stats import median_ci  # noqa: E402
 
 NGINX_HTTP = """
     client_body_buffer_size 128k;

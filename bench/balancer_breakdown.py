@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from balancer import NGINX_HTTP, NGINX_SERVER, upload
 from common import ROOT, Nginx, cpu_split, find_nginx
 
-from imgclass import loadgen
+from imgclass.measure import loadgen
 from imgclass.process import Child, stop_all
 
 

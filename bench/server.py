@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 from common import cpu_seconds  # noqa: E402
 
-from imgclass import loadgen  # noqa: E402
-from imgclass.backends import BackendOptions, load_backend  # noqa: E402
-from imgclass.experiment import jpeg_of, multipart  # noqa: E402
-from imgclass.images import decode  # noqa: E402
+from imgclass.measure import loadgen  # noqa: E402
+from imgclass.measure.experiment import jpeg_of, multipart  # noqa: E402
 from imgclass.process import Child  # noqa: E402
+from imgclass.serving.backends import BackendOptions, load_backend  # noqa: E402
+from imgclass.serving.images import decode  # noqa: E402
 
 
 def engine_figures(model_dir: str, jpeg: bytes, threads: int, n: int) -> dict[str, float]:

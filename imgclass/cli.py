@@ -10,41 +10,39 @@ from .errors import ImgclassError
 
 
 def _serve(argv: Sequence[str]) -> int:
-    from . import server
+    from .serving import app, settings
 
     parser = config.make_parser("imgclass serve", "Run one model server.")
-    server.add_arguments(parser)
-    settings = server.ServerSettings.from_namespace(parser.parse_args(argv))
-    server.serve(settings)
+    settings.add_arguments(parser)
+    app.main(settings.ServerSettings.from_namespace(parser.parse_args(argv)))
     return 0
 
 
 def _balance(argv: Sequence[str]) -> int:
-    from . import balancer
+    from .balancing import app, settings
 
     parser = config.make_parser("imgclass balance", "Run the load balancer in front of model servers.")
-    balancer.add_arguments(parser)
-    settings = balancer.BalancerSettings.from_namespace(parser.parse_args(argv))
-    balancer.serve(settings)
+    settings.add_arguments(parser)
+    app.main(settings.BalancerSettings.from_namespace(parser.parse_args(argv)))
     return 0
 
 
 def _up(argv: Sequence[str]) -> int:
-    from . import cluster
+    from . import local
 
-    return cluster.up(argv)
+    return local.up(argv)
 
 
 def _testbed(argv: Sequence[str]) -> int:
-    from . import testbed
+    from .testbed import cli
 
-    return testbed.main(argv)
+    return cli.main(argv)
 
 
 def _fetch_model(argv: Sequence[str]) -> int:
     import os
 
-    from . import modelfiles
+    from .serving import modelfiles
 
     parser = config.make_parser("imgclass fetch-model", "Download the model and labels and check their sha256.")
     parser.add_argument("--dest", default="models", help="folder to store them in [default models]")

@@ -1,12 +1,15 @@
-"""Every option, its default and its IMGCLASS_* variable, in one table; parsing and validation."""
+"""Every option, its default, its IMGCLASS_* variable and the commands that take it, in one table."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
+import random
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,96 +21,215 @@ ENV_PREFIX = "IMGCLASS_"
 # --- value parsers: each raises ValueError with a sentence that says what is expected ----
 
 
+def _whole(text: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number; {what}") from None
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; {what}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number; {what}")
+    return value
+
+
 def port(text: str) -> int:
-    value = int(text)
+    what = "a port is a whole number from 0 to 65535 (0 picks a free one)"
+    value = _whole(text, what)
     if not 0 <= value <= 65535:
-        raise ValueError("a port is a whole number from 0 to 65535 (0 picks a free one)")
+        raise ValueError(what)
     return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("it must be a whole number of at least 1")
-    return value
+    what = "give a whole number of at least 1"
+    if _whole(text, what) < 1:
+        raise ValueError(what)
+    return int(text)
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("it must be a whole number of at least 0")
-    return value
+    what = "give a whole number of at least 0"
+    if _whole(text, what) < 0:
+        raise ValueError(what)
+    return int(text)
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    what = "give a number greater than 0"
+    value = _number(text, what)
     if not value > 0:
-        raise ValueError("it must be a number greater than 0")
+        raise ValueError(what)
     return value
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
+    what = "give a number of at least 0"
+    value = _number(text, what)
     if not value >= 0:
-        raise ValueError("it must be a number of at least 0")
+        raise ValueError(what)
+    return value
+
+
+def integer(text: str) -> int:
+    return _whole(text, "give a whole number such as 1")
+
+
+def text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("it is empty; give a value or leave the option out")
     return value
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"choose one of: {', '.join(allowed)}")
-        return text
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of: {', '.join(allowed)}")
+        return value
 
     parse.__name__ = "choice"
     return parse
 
 
-def url(text: str) -> str:
-    text = text.strip().rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{text!r} is not an http(s) URL such as http://10.10.1.1:5000")
+def registry(module: str, table: str) -> Callable[[str], str]:
+    """A choice among the keys of a table of classes (policies, backends), read from the table
+    itself when a value is parsed, so the names are written once: where the classes are."""
+
+    def names() -> list[str]:
+        return list(getattr(importlib.import_module(module), table))
+
+    def parse(value: str) -> str:
+        if value not in names():
+            raise ValueError(f"{value!r} is not one of: {', '.join(names())}")
+        return value
+
+    parse.__name__ = "choice"
+    parse.names = names  # type: ignore[attr-defined]
+    return parse
+
+
+def url(value: str) -> str:
+    """A model server's base URL: plain http, a host and maybe a port and path, no credentials."""
+    value = value.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(
+            f"{value!r} is not an http:// URL such as http://10.10.1.1:5001 "
+            "(model servers speak plain HTTP; put TLS in front of the balancer, not behind it)"
+        )
+    if parts.username or parts.password:
+        raise ValueError(f"{urlsplit(value)._replace(netloc=parts.hostname).geturl()!r} carries credentials; "
+                         "model server URLs take none: remove the user:password@ part")  # fmt: skip
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} has a query or fragment; give only scheme, host, port and path")
     try:
         parts.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError as exc:
-        raise ValueError(f"{text!r} has an invalid port") from exc
-    return text
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port; use a whole number from 1 to 65535") from None
+    return value
 
 
-def url_list(text: str) -> list[str]:
-    items = [item for item in re.split(r"[,\s]+", text) if item]
+def url_list(value: str) -> list[str]:
+    items = [item for item in re.split(r"[,\s]+", value) if item]
+    if not items:
+        raise ValueError("it lists no URL; give one or more, comma-separated")
     return [url(item) for item in items]
 
 
-def int_list(text: str) -> list[int]:
-    return [positive_int(item) for item in text.split(",") if item.strip()]
+def int_list(value: str) -> list[int]:
+    return [positive_int(item) for item in value.split(",") if item.strip()]
 
 
-def float_list(text: str) -> list[float]:
-    return [positive_float(item) for item in text.split(",") if item.strip()]
+def float_list(value: str) -> list[float]:
+    return [positive_float(item) for item in value.split(",") if item.strip()]
 
 
-def str_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def str_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def service_time(text: str) -> str:
-    from .servicetime import parse_service_time
-
-    parse_service_time(text)  # validates; the string itself is what we pass around
-    return text
-
-
-def log_level(text: str) -> str:
-    text = text.upper()
-    if text not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("choose one of: debug, info, warning, error")
-    return text
+def log_level(value: str) -> str:
+    upper = value.upper()
+    if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{value!r} is not one of: debug, info, warning, error")
+    return upper
 
 
-BACKENDS = ("litert", "keras", "sleep")
-POLICIES = ("random", "round_robin", "least_outstanding", "p2c")
+# --- durations and service-time distributions (the sleep backend's --service-time) ---------
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(s|ms|us)?\s*$")
+
+
+def parse_duration(value: str) -> float:
+    """'20ms' -> 0.02 seconds; a bare number is seconds."""
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as 20ms, 0.5s or 300us")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class ServiceTime:
+    """A distribution of service times in seconds."""
+
+    kind: str
+    mean: float
+    sigma: float = 0.0
+
+    def sample(self, rng: random.Random) -> float:
+        if self.kind == "const":
+            return self.mean
+        if self.kind == "exp":
+            return rng.expovariate(1.0 / self.mean)
+        # lognormal parametrised by its mean and the sigma of the underlying normal
+        mu = math.log(self.mean) - self.sigma**2 / 2
+        return rng.lognormvariate(mu, self.sigma)
+
+    @property
+    def std(self) -> float:
+        if self.kind == "const":
+            return 0.0
+        if self.kind == "exp":
+            return self.mean
+        return self.mean * math.sqrt(math.exp(self.sigma**2) - 1)
+
+
+def parse_service_time(value: str) -> ServiceTime:
+    kind, _, rest = value.partition(":")
+    kind = kind.strip().lower()
+    if kind not in ("exp", "const", "lognormal") or not rest:
+        raise ValueError(f"{value!r}: write exp:20ms, const:5ms or lognormal:20ms,0.5")
+    if kind == "lognormal":
+        mean_text, _, sigma_text = rest.partition(",")
+        if not sigma_text:
+            raise ValueError(f"{value!r}: lognormal needs a mean and a sigma, e.g. lognormal:20ms,0.5")
+        sigma = _number(sigma_text, "the lognormal sigma is a number such as 0.5")
+        if sigma <= 0:
+            raise ValueError(f"{value!r}: the lognormal sigma must be greater than 0")
+        mean = parse_duration(mean_text)
+    else:
+        mean, sigma = parse_duration(rest), 0.0
+    if mean <= 0:
+        raise ValueError(f"{value!r}: the mean service time must be greater than 0")
+    return ServiceTime(kind, mean, sigma)
+
+
+def service_time(value: str) -> str:
+    parse_service_time(value)  # validates; the string itself is what we pass around
+    return value
+
+
+# --- the table ------------------------------------------------------------------------------
+
+# The commands that take options from the table; an option lists the ones it belongs to.
+SERVE, BALANCE, UP = "serve", "balance", "up"
+ROLES = (SERVE, BALANCE, UP)
 
 
 @dataclass(frozen=True)
@@ -118,7 +240,8 @@ class Option:
     parse: Callable[[str], Any]
     default: Any
     help: str
-    metavar: str | None = None
+    roles: tuple[str, ...] = ()
+    role_defaults: Mapping[str, Any] = field(default_factory=dict)  # e.g. port 5000 for the balancer
 
     @property
     def flag(self) -> str:
@@ -128,70 +251,90 @@ class Option:
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
+    def describe(self) -> str:
+        """The help text, with {choices} filled in from the table the names live in."""
+        names = getattr(self.parse, "names", None)
+        return self.help.format(choices=", ".join(names())) if names else self.help
+
+    def default_for(self, role: str | None) -> Any:
+        return self.role_defaults.get(role, self.default) if role else self.default
+
+
+_ALL = (SERVE, BALANCE, UP)
+_SERVER = (SERVE, UP)
+_BALANCER = (BALANCE, UP)
+_POLICIES = registry("imgclass.balancing.policies", "POLICIES")
+_BACKENDS = registry("imgclass.serving.backends", "BACKENDS")
 
 # The single table of defaults. README's "Configuration" section is checked against it by a test.
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
-        Option("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
-        Option("port", port, 5001, "TCP port to listen on (0 picks a free one)"),
-        Option("name", str, None, "name used in logs and responses (default host:port)"),
-        Option("log_level", log_level, "INFO", "debug, info, warning or error"),
+        Option("host", text, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)", _ALL),
+        Option("port", port, 5001, "TCP port to listen on (0 picks a free one)", _ALL, {BALANCE: 5000, UP: 5000}),
+        Option("name", text, None, "name used in logs and responses (default host:port)", (SERVE, BALANCE)),
+        Option("log_level", log_level, "INFO", "debug, info, warning or error", _ALL),
+        Option("http", choice("httptools", "h11"), "httptools",
+               "uvicorn's HTTP parser: httptools (fastest) or h11 (also bounds the request head)", _ALL),
         # model server
-        Option("backend", choice(*BACKENDS), "litert", "inference backend: litert, keras or sleep"),
-        Option("model_dir", str, "models", "folder holding the .tflite model and imagenet_labels.txt"),
-        Option(
-            "weights", str, "imagenet", "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path"
-        ),
-        Option("threads", non_negative_int, 0, "inference worker threads (0 = one per CPU core)"),
-        Option("max_batch", positive_int, 0, "largest dynamic batch (0 = 1 for litert/sleep, 8 for keras)"),
-        Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms"),
-        Option("max_queue", positive_int, 128, "requests waiting beyond the workers before 503"),
-        Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB"),
-        Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)"),
-        Option(
-            "service_time", service_time, "exp:20ms", "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5"
-        ),
-        Option("seed", int, None, "seed for the random choices (service times, dispatch)"),
+        Option("backend", _BACKENDS, "litert", "inference backend: {choices}", _SERVER),
+        Option("model_dir", text, "models", "folder holding the .tflite model and imagenet_labels.txt", _SERVER),
+        Option("weights", text, "imagenet",
+               "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path", (SERVE,)),
+        Option("threads", non_negative_int, 0, "inference worker threads (0 = one per CPU core)", _SERVER),
+        Option("max_batch", non_negative_int, 0, "largest dynamic batch (0 = 1 for litert/sleep, 8 for keras)",
+               _SERVER),
+        Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms", (SERVE,)),
+        Option("max_queue", positive_int, 128, "requests waiting beyond the workers before 503", _SERVER),
+        Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB", (SERVE, BALANCE)),
+        Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE,)),
+        Option("service_time", service_time, "exp:20ms",
+               "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5", _SERVER),
+        Option("seed", integer, None, "seed for the random choices (service times, dispatch)", _ALL),
         # balancer
-        Option("backends", url_list, None, "comma-separated model server URLs"),
-        Option("backends_file", str, None, "file with one model server URL per line"),
-        Option("cluster", str, None, "cluster.json from 'imgclass testbed hosts': its servers become backends"),
-        Option("policy", choice(*POLICIES), "random", "dispatch policy: " + ", ".join(POLICIES)),
-        Option("health_interval", positive_float, 1.0, "seconds between active /readyz checks"),
-        Option("fall", positive_int, 3, "failed checks in a row that mark a backend down"),
-        Option("rise", positive_int, 2, "passed checks in a row that mark it up again"),
-        Option("eject_seconds", positive_float, 5.0, "how long a backend is ejected after an error"),
-        Option("timeout", positive_float, 30.0, "read timeout to a backend, in seconds (504 after)"),
-        Option("connect_timeout", positive_float, 1.0, "connect timeout to a backend, in seconds"),
-        Option(
-            "max_conn",
-            non_negative_int,
-            0,
-            "requests in flight per backend; more wait in the balancer's queue (0 = no limit)",
-        ),
-        Option("queue_size", positive_int, 1024, "requests that may wait at the balancer for a slot before 503"),
-        Option("queue_timeout", positive_float, 10.0, "seconds a request may wait at the balancer before 503"),
-        Option("admin_token", str, None, "bearer token for POST/DELETE /backends (unset: disabled)"),
+        Option("backends", url_list, None, "comma-separated model server URLs", (BALANCE,)),
+        Option("backends_file", text, None, "file with one model server URL per line", (BALANCE,)),
+        Option("cluster", text, None, "cluster.json from 'imgclass testbed hosts': its servers become backends",
+               (BALANCE,)),
+        Option("policy", _POLICIES, "random", "dispatch policy: {choices}",
+               _BALANCER),
+        Option("health_interval", positive_float, 1.0, "seconds between active /readyz checks", (BALANCE,)),
+        Option("fall", positive_int, 3, "failed checks in a row that mark a backend down", (BALANCE,)),
+        Option("rise", positive_int, 2, "passed checks in a row that mark it up again", (BALANCE,)),
+        Option("eject_seconds", positive_float, 5.0, "how long a backend is ejected after an error", (BALANCE,)),
+        Option("timeout", positive_float, 30.0, "read timeout to a backend, in seconds (504 after)", (BALANCE,)),
+        Option("connect_timeout", positive_float, 1.0, "connect timeout to a backend, in seconds", (BALANCE,)),
+        Option("max_conn", non_negative_int, 0,
+               "requests in flight per backend; more wait in the balancer's queue (0 = no limit)", _BALANCER),
+        Option("queue_size", positive_int, 1024, "requests that may wait at the balancer for a slot before 503",
+               _BALANCER),
+        Option("queue_timeout", positive_float, 10.0, "seconds a request may wait at the balancer before 503",
+               _BALANCER),
+        Option("admin_token", text, None, "bearer token for POST/DELETE /backends (unset: disabled)", _BALANCER),
         # local cluster
-        Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts"),
+        Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts", (UP,)),
     ]
-}
+}  # fmt: skip
 
 
-def _env_default(option: Option, environ: dict[str, str] | os._Environ[str]) -> Any:
+def options_for(role: str) -> list[str]:
+    """The names of the options `role` takes, in table order."""
+    return [name for name, option in OPTIONS.items() if role in option.roles]
+
+
+def _env_value(option: Option, environ: Mapping[str, str], role: str | None) -> Any:
     raw = environ.get(option.env)
     if raw is None or raw == "":
-        return option.default
+        return option.default_for(role)
     try:
         return option.parse(raw)
     except (ValueError, ConfigError) as exc:
         raise ConfigError(f"{option.env}={raw!r} is invalid: {exc}. Fix or unset that variable.") from exc
 
 
-def resolved_default(name: str) -> Any:
+def resolved_default(name: str, role: str | None = None) -> Any:
     """The option's value when no flag is given: its IMGCLASS_* variable, else the table's default."""
-    return _env_default(OPTIONS[name], os.environ)
+    return _env_value(OPTIONS[name], os.environ, role)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,22 +344,19 @@ class _Parser(argparse.ArgumentParser):
 
 def add_options(
     parser: argparse.ArgumentParser,
-    names: Sequence[str],
-    overrides: dict[str, Any] | None = None,
-    environ: dict[str, str] | os._Environ[str] | None = None,
+    names: Iterable[str],
+    role: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> None:
-    """Add the named options; defaults come from the env var, else `overrides`, else the table."""
+    """Add the named options; defaults come from the env var, else the table (for `role`)."""
     environ = os.environ if environ is None else environ
-    overrides = overrides or {}
     for name in names:
         option = OPTIONS[name]
-        if name in overrides:
-            option = Option(option.name, option.parse, overrides[name], option.help, option.metavar)
-        default = _env_default(option, environ)
+        default = _env_value(option, environ, role)
 
-        def typed(text: str, _option: Option = option) -> Any:
+        def typed(value: str, _option: Option = option) -> Any:
             try:
-                return _option.parse(text)
+                return _option.parse(value)
             except (ValueError, ConfigError) as exc:
                 raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -226,9 +366,12 @@ def add_options(
             dest=name,
             type=typed,
             default=default,
-            metavar=option.metavar,
-            help=f"{option.help} [env {option.env}; default {option.default!r}]",
+            help=f"{option.describe()} [env {option.env}; default {option.default_for(role)!r}]",
         )
+
+
+def add_role_options(parser: argparse.ArgumentParser, role: str, skip: Sequence[str] = ()) -> None:
+    add_options(parser, [n for n in options_for(role) if n not in skip], role)
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

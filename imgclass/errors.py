@@ -49,20 +49,11 @@ class RequestError(ImgclassError):
     code = "bad_request"
 
 
-class BadRequest(RequestError):
-    """Malformed HTTP: the request could not be parsed."""
-
-    code = "bad_request"
-
-
 class RequestTimeout(RequestError):
+    """The request body stalled, or took longer than the overall cap."""
+
     status = 408
     code = "request_timeout"
-
-
-class HeadersTooLarge(RequestError):
-    status = 431
-    code = "headers_too_large"
 
 
 class MissingField(RequestError):
@@ -138,6 +129,13 @@ class MethodNotAllowed(RequestError):
 class Conflict(RequestError):
     status = 409
     code = "conflict"
+
+
+class ClientGone(ImgclassError):
+    """The client disconnected before its answer was ready: nothing is sent, the work is dropped."""
+
+    status = 499  # nginx's code for it, in logs and metrics only
+    code = "client_gone"
 
 
 # --- service-side trouble (5xx) -----------------------------------------------------

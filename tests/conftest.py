@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import urllib.error
 import urllib.request
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imgclass import modelfiles
 from imgclass.process import Child, stop_all
+from imgclass.serving import modelfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -135,3 +136,35 @@ def descendants(pid: int) -> set[int]:
                     out.add(kid)
                     stack.append(kid)
     return out
+
+
+class ServedApp:
+    """An app served by a real uvicorn on an ephemeral port, in a thread of its own (no signal handling)."""
+
+    def __init__(self, app: object, **options: object) -> None:
+        import asyncio
+        import threading
+
+        import uvicorn
+
+        from imgclass.web.server import bind_socket, socket_url
+
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.url = socket_url(self.sock)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, **options)  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.server.serve(sockets=[self.sock]),), daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.server.started, "uvicorn did not start"
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.loop.close()

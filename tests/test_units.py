@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from imgclass import config, errors, log
-from imgclass.batching import top_k
-from imgclass.payload import MAX_FIELD_VALUE, form_fields, image_from_multipart, multipart_boundary
-from imgclass.servicetime import parse_duration, parse_service_time
+from imgclass.config import parse_duration, parse_service_time
+from imgclass.serving.batching import top_k
+from imgclass.serving.payload import image_from_multipart
+from imgclass.web.forms import MAX_FIELD_VALUE, form_fields, multipart_boundary
 
 
 def _parse(argv: list[str], names: list[str], environ: dict[str, str] | None = None):
@@ -198,7 +199,7 @@ def test_form_fields_on_odd_bodies(body: bytes, ctype: str, expected: dict[str, 
 
 def test_sleep_backend_serves_back_to_back_whatever_the_handoff_costs() -> None:
     """Lindley's recursion: job 2 leaves S after job 1 left, even if the worker came back to it late."""
-    from imgclass.backends import BackendOptions, SleepBackend
+    from imgclass.serving.backends import BackendOptions, SleepBackend
 
     engine = SleepBackend(BackendOptions("/nonexistent", service_time="const:100ms", seed=1)).engine(0)
     batch = np.zeros((1, 224, 224, 3), np.uint8)
@@ -225,7 +226,7 @@ def test_request_ids_are_unique_and_a_reseed_changes_the_stream() -> None:
 
 
 def test_max_conn_for_every_policy_or_per_policy() -> None:
-    from imgclass.scaling import parse_max_conn
+    from imgclass.measure.scaling import parse_max_conn
 
     both = ["random", "least_outstanding"]
     assert parse_max_conn("1", both) == {"random": 1, "least_outstanding": 1}
@@ -240,8 +241,8 @@ def test_max_conn_for_every_policy_or_per_policy() -> None:
 def test_overlay_is_evaluated_at_the_measured_load_with_the_nominal_beside_it() -> None:
     import math
 
-    from imgclass.scaling import overlay_columns
-    from imgclass.stats import LatencySummary, RunSummary
+    from imgclass.measure.scaling import overlay_columns
+    from imgclass.measure.stats import LatencySummary, RunSummary
 
     # n=1 at rho 0.8 nominally (40/s, 20 ms); the run realised 38/s and 21 ms services (rho 0.798)
     summary = RunSummary(

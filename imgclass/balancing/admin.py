@@ -1,0 +1,54 @@
+"""The membership routes: GET /backends for anyone, POST and DELETE /backends with the admin token."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from .. import config
+from ..errors import BadJSON, BadParameter, Forbidden, Unauthorized
+from ..web.app import Request, Response, json_response
+from .state import Balancer
+
+
+def require_admin(balancer: Balancer, request: Request) -> None:
+    token = balancer.settings.admin_token
+    if not token:
+        raise Forbidden(
+            "Membership changes are disabled: start the balancer with --admin-token or IMGCLASS_ADMIN_TOKEN."
+        )
+    scheme, _, supplied = request.headers.get("authorization", "").strip().partition(" ")
+    # The scheme is case-insensitive (RFC 9110 section 11.1); the token is compared in constant time.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), token.encode()):
+        raise Unauthorized("Send 'Authorization: Bearer <admin token>' to change the backends.")
+
+
+async def list_backends(balancer: Balancer, request: Request) -> Response:
+    now = time.monotonic()
+    return json_response([b.snapshot(now) for b in balancer.pool.backends])
+
+
+async def add_backend(balancer: Balancer, request: Request) -> Response:
+    require_admin(balancer, request)
+    try:
+        doc = json.loads(request.body)
+        raw = doc["url"]
+    except (ValueError, KeyError, TypeError):
+        raise BadJSON('Send JSON {"url": "http://host:port"}.') from None
+    try:
+        url = config.url(str(raw))
+    except ValueError as exc:
+        raise BadParameter(f"{exc}.") from None
+    state = await balancer.pool.add(url)
+    return json_response(state.snapshot(time.monotonic()), 201)
+
+
+async def remove_backend(balancer: Balancer, request: Request) -> Response:
+    require_admin(balancer, request)
+    raw = request.query.get("url")
+    if not raw:
+        raise BadParameter("Pass the backend to remove as ?url=http://host:port.")
+    url = raw.rstrip("/")
+    balancer.pool.remove(url)
+    return json_response({"removed": url})

@@ -1,0 +1,226 @@
+"""One forwarded request, from choosing a backend to the annotated answer, with one retry elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from urllib.parse import urlencode
+
+import aiohttp
+from yarl import URL
+
+from .. import log
+from ..errors import BadParameter, UpstreamError, UpstreamTimeout
+from ..web.app import Request, Response
+from ..web.forms import form_fields
+from .policies import POLICIES
+from .pool import BackendState
+from .state import Balancer
+
+OPTIONS = frozenset({"policy", "number_backend_servers"})  # ours: never passed on to the model server
+# Headers of the backend's answer that describe its connection or that we set ourselves.
+_NOT_PASSED_ON = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server", b"x-request-id"}
+)
+
+
+class UpstreamFailure(Exception):
+    """The backend gave no usable response, so it cannot have answered: `kind` says how far it got.
+
+    connect: no connection, the request never left. closed: the connection closed before any byte
+    of a response. cut_short: it closed mid-response. bad_response: the bytes were not HTTP.
+    """
+
+    def __init__(self, reason: str, *, kind: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+class ReadTimeout(Exception):
+    """The backend accepted the request but did not answer within --timeout."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _url(base: str, path: str) -> URL:
+    # Parsing and normalising a URL string is a visible share of aiohttp's per-request cost.
+    return URL(base + path, encoded=True)
+
+
+async def post(
+    session: aiohttp.ClientSession, url: URL, body: bytes, headers: dict[str, str]
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """POST to a backend: (status, raw headers, body), or UpstreamFailure / ReadTimeout.
+
+    The session's timeout applies: --connect-timeout to connect, --timeout as the longest silence.
+    """
+    try:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as answer:
+            payload = await answer.read()
+            return answer.status, list(answer.raw_headers), payload
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamFailure("connect failed: connect timed out", kind="connect") from None
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        raise ReadTimeout() from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamFailure(f"connect failed: {exc.os_error.strerror or exc}", kind="connect") from None
+    except aiohttp.ServerDisconnectedError:
+        raise UpstreamFailure("connection closed before a response", kind="closed") from None
+    except aiohttp.ClientPayloadError:
+        raise UpstreamFailure("response cut short", kind="cut_short") from None
+    except aiohttp.ClientResponseError as exc:
+        raise UpstreamFailure(f"bad response: {exc.message}", kind="bad_response") from None
+    except aiohttp.ClientOSError as exc:
+        raise UpstreamFailure(f"connection failed: {exc.strerror or exc}", kind="closed") from None
+
+
+def request_options(balancer: Balancer, request: Request) -> tuple[str, int | None]:
+    """policy and number_backend_servers, from the query or a multipart form field."""
+    query = request.query if request.query_string else {}
+    values = {k: query[k] for k in OPTIONS if k in query}
+    if len(values) < 2:
+        for name, value in form_fields(request.body, request.content_type, OPTIONS).items():
+            values.setdefault(name, value)
+    policy = values.get("policy", balancer.settings.policy)
+    if policy not in POLICIES:
+        raise BadParameter(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}.")
+    first_k = None
+    if "number_backend_servers" in values:
+        raw = values["number_backend_servers"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise BadParameter(f"number_backend_servers must be a whole number of at least 1, not {raw!r}.")
+        first_k = int(raw)
+    return policy, first_k
+
+
+class Forward:
+    """One forwarded request: choose a backend (or wait for one), send, retry once if nothing came back."""
+
+    __slots__ = ("backend", "balancer", "first_k", "headers", "path", "policy", "queued_ms", "request", "start")
+
+    def __init__(self, balancer: Balancer, request: Request, path: str = "/predict") -> None:
+        self.start = time.perf_counter()
+        self.balancer = balancer
+        self.request = request
+        self.policy, self.first_k = request_options(balancer, request)
+        # Our own parameters stay here; anything else (e.g. top=) goes to the model server.
+        if request.query_string:
+            passthrough = [(k, v) for k, v in request.query.items() if k not in OPTIONS]
+            if passthrough:
+                path += "?" + urlencode(passthrough)
+        self.path = path
+        self.headers = {
+            "Content-Type": request.content_type or "application/octet-stream",
+            log.REQUEST_ID_HEADER: request.id,
+        }
+        self.queued_ms = 0.0
+        self.backend: BackendState | None = None
+
+    async def run(self) -> Response:
+        balancer = self.balancer
+        try:
+            backend = balancer.take_now(self.policy, self.first_k)
+            if backend is None:
+                backend, self.queued_ms = await balancer.acquire(self.policy, self.first_k)
+            self.backend = backend
+            try:
+                status, headers, body, upstream_ms = await self._send(backend)
+            except (UpstreamFailure, ReadTimeout) as exc:
+                return await self._recover(backend, exc)
+            return self._finish(backend, status, headers, body, upstream_ms)
+        except asyncio.CancelledError:
+            # The client left (or the server is stopping): the queue place or the slot is already
+            # given back by acquire() and _send(); the model server sees its connection close.
+            balancer.client_gone.labels("forwarding" if self.backend is not None else "queued").inc()
+            raise
+
+    async def _send(self, backend: BackendState) -> tuple[int, list[tuple[bytes, bytes]], bytes, float]:
+        balancer = self.balancer
+        assert balancer.session is not None
+        start = time.perf_counter()
+        try:
+            status, headers, body = await post(
+                balancer.session, _url(backend.url, self.path), self.request.body, self.headers
+            )
+        finally:
+            balancer.slots.release(backend)
+        return status, headers, body, (time.perf_counter() - start) * 1000
+
+    async def _recover(self, backend: BackendState, exc: Exception) -> Response:
+        """After no answer from `backend`: a timeout is final; no response at all is retried once elsewhere."""
+        balancer = self.balancer
+        if not isinstance(exc, UpstreamFailure):
+            raise self._timed_out(backend)
+        # Nothing came back, so the backend cannot have answered; classification is idempotent,
+        # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
+        self._connection_failed(backend, exc.reason)
+        balancer.retries.inc()
+        failed = backend
+        backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)
+        self.backend = backend
+        self.queued_ms += waited
+        balancer.logger.warning("retry", failed=failed.url, reason=exc.reason, to=backend.url)
+        try:
+            status, headers, body, upstream_ms = await self._send(backend)
+        except UpstreamFailure as exc2:
+            self._connection_failed(backend, exc2.reason)
+            raise UpstreamError(f"Two model servers failed to answer ({exc2.reason}); retry shortly.") from None
+        except ReadTimeout:
+            raise self._timed_out(backend) from None
+        return self._finish(backend, status, headers, body, upstream_ms)
+
+    def _connection_failed(self, backend: BackendState, reason: str) -> None:
+        self.balancer.pool.record_failure(backend, reason, connection=True)
+        self.balancer.count(backend.url, "error")
+
+    def _timed_out(self, backend: BackendState) -> UpstreamTimeout:
+        balancer = self.balancer
+        balancer.pool.record_failure(backend, "timeout", connection=False)
+        balancer.count(backend.url, "timeout")
+        return UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.")
+
+    def _finish(
+        self, backend: BackendState, status: int, headers: list[tuple[bytes, bytes]], body: bytes, upstream_ms: float
+    ) -> Response:
+        balancer = self.balancer
+        balancer.count(backend.url, status)
+        if status >= 500:
+            balancer.pool.record_failure(backend, f"http_{status}", connection=False)
+        else:
+            balancer.pool.record_success(backend, upstream_ms)
+        out = [(k, v) for k, v in headers if k.lower() not in _NOT_PASSED_ON]
+        out.append((b"x-backend", backend.url.encode()))
+        total = time.perf_counter() - self.start
+        if status == 200:
+            body = annotate(body, backend.url, upstream_ms, self.queued_ms, total * 1000)
+        balancer.latency.observe(total)
+        return Response(body, status, out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _backend_member(backend_url: str) -> bytes:
+    return b',"backend":' + json.dumps(backend_url).encode() + b"}"
+
+
+def annotate(payload: bytes, backend_url: str, upstream_ms: float, queued_ms: float, total_ms: float) -> bytes:
+    """Add backend and timing_ms.{upstream,queued,balancer} to the server's JSON answer.
+
+    balancer is all the time spent at the balancer outside the upstream call; queued is the part
+    of it spent waiting for a free slot (0 without --max-conn).
+    """
+    balancer_ms = total_ms - upstream_ms
+    extra = f'"upstream":{upstream_ms:.3f},"queued":{queued_ms:.3f},"balancer":{balancer_ms:.3f},'.encode()
+    at = payload.find(b'"timing_ms":{')
+    # Our model server's answer is compact JSON ending in '}': splice instead of a parse and re-encode.
+    if at >= 0 and payload.endswith(b"}") and payload[at + 13 : at + 14] == b'"':
+        cut = at + 13
+        return b"".join((payload[:cut], extra, payload[cut:-1], _backend_member(backend_url)))
+    doc = json.loads(payload)
+    doc["backend"] = backend_url
+    timing = doc.setdefault("timing_ms", {})
+    timing["upstream"] = round(upstream_ms, 3)
+    timing["queued"] = round(queued_ms, 3)
+    timing["balancer"] = round(balancer_ms, 3)
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,125 @@
+"""The balancer's state: its backends and their health, slots, policies, one HTTP client, and metrics."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .. import log
+from ..errors import NoBackendAvailable, QueueFull, QueueTimeout
+from ..web.metrics import CountByLabels
+from .policies import make_policies
+from .pool import BackendState, HealthSettings, Pool
+from .settings import BalancerSettings
+from .slots import Slots
+
+
+class Balancer:
+    """Pool, policies, the upstream session and the metrics of one balancer app."""
+
+    def __init__(self, settings: BalancerSettings, name: str, logger: log.EventLogger) -> None:
+        self.settings = settings
+        self.name = name
+        self.logger = logger
+        self.pool = Pool(
+            settings.backends,
+            HealthSettings(
+                interval=settings.health_interval,
+                fall=settings.fall,
+                rise=settings.rise,
+                eject_seconds=settings.eject_seconds,
+                check_timeout=min(2.0, max(0.2, settings.health_interval)),
+            ),
+            logger,
+        )
+        self.slots = Slots(self.pool, settings.max_conn, settings.queue_size, settings.queue_timeout)
+        self.pool.on_available = self.slots.kick
+        self.policies = make_policies(settings.seed)
+        # One client for the whole process: forwarding and health checks share its keep-alive pools.
+        self.session: aiohttp.ClientSession | None = None
+        # sock_read is a read timeout (the longest silence from a backend), as --timeout promises
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
+        )
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imgclass_balancer_requests", "Forwarded requests by backend and status", ["backend", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "imgclass_balancer_request_seconds", "POST /submit latency as the client sees it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )  # fmt: skip
+        self._count = CountByLabels(self.requests)
+        self.retries = Counter(
+            "imgclass_balancer_retries", "Requests retried on another backend", registry=self.registry
+        )
+        self.no_backend = Counter(
+            "imgclass_balancer_no_backend", "Requests refused: no healthy backend", registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "imgclass_balancer_queue_seconds", "Wait for a free backend slot (with --max-conn)",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10), registry=self.registry,
+        )  # fmt: skip
+        Gauge(
+            "imgclass_balancer_queued", "Requests waiting for a free backend slot", registry=self.registry
+        ).set_function(lambda: len(self.slots.queue))
+        self.refused = Counter(
+            "imgclass_balancer_queue_refused", "Requests refused by the queue", ["reason"], registry=self.registry
+        )
+        self.client_gone = Counter(
+            "imgclass_balancer_client_gone", "Requests whose client left: queued (its place freed) or "
+            "forwarding (its slot freed, the upstream call cancelled)", ["stage"], registry=self.registry,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        # No pool limit: --max-conn and the queue bound what is in flight, not the client library.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=self.timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )  # fmt: skip
+        await self.pool.start(self.session)
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    def count(self, url: str, status: int | str) -> None:
+        self._count.inc(url, status)
+
+    def take_now(self, policy: str, first_k: int | None) -> BackendState | None:
+        """A backend with a slot taken if one is free now; None if the request must wait in the queue."""
+        try:
+            backend = self.slots.take_now(self.policies[policy], first_k)
+        except NoBackendAvailable:
+            self.no_backend.inc()
+            raise
+        if backend is not None and self.settings.max_conn:
+            self.queue_wait.observe(0.0)
+        return backend
+
+    async def acquire(
+        self, policy: str, first_k: int | None, exclude: BackendState | None = None
+    ) -> tuple[BackendState, float]:
+        """A backend with a slot taken for this request, and the ms spent waiting for it."""
+        start = time.perf_counter()
+        try:
+            backend = await self.slots.acquire(self.policies[policy], first_k, exclude)
+        except NoBackendAvailable:
+            self.no_backend.inc()
+            raise
+        except QueueFull:
+            self.refused.labels("full").inc()
+            raise
+        except QueueTimeout:
+            self.refused.labels("timeout").inc()
+            raise
+        waited = time.perf_counter() - start
+        if self.settings.max_conn:
+            self.queue_wait.observe(waited)
+        return backend, waited * 1000

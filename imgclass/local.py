@@ -1,0 +1,131 @@
+"""`imgclass up`: N model servers and a balancer on this machine, supervised, stopped as one."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from . import config, log
+from .errors import ConfigError
+from .process import Child, ChildFailed, stop_all
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_role_options(parser, config.UP)
+
+
+def _server_args(ns: argparse.Namespace, index: int, port: int = 0) -> list[str]:
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--name", f"server{index}",
+            "--backend", ns.backend, "--model-dir", ns.model_dir, "--service-time", ns.service_time,
+            "--max-queue", str(ns.max_queue), "--log-level", ns.log_level, "--http", ns.http]  # fmt: skip
+    # N servers share the machine's cores: by default each gets one inference thread.
+    args += ["--threads", str(ns.threads or 1)]
+    if ns.max_batch:
+        args += ["--max-batch", str(ns.max_batch)]
+    if ns.seed is not None:
+        args += ["--seed", str(ns.seed + index)]
+    return args
+
+
+class LocalCluster:
+    """Starts the servers, then the balancer; restarts a server that dies; stops everything."""
+
+    def __init__(self, ns: argparse.Namespace, echo: bool = True) -> None:
+        self.ns = ns
+        self.echo = echo
+        self.servers: list[Child] = []
+        self.balancer: Child | None = None
+        self.extra: list[Child] = []  # further balancers over the same servers
+        self.logger = log.get_logger("up", "cluster", ns.log_level)
+
+    def start(self) -> str:
+        try:
+            self.servers = [Child(_server_args(self.ns, i + 1), echo=self.echo) for i in range(self.ns.servers)]
+            for child in self.servers:
+                child.wait_url()
+            self.balancer = self._balancer(self.ns.port, self.ns.max_conn)
+            return self.balancer.wait_url()
+        except BaseException:
+            self.stop()
+            raise
+
+    def another_balancer(self, max_conn: int) -> str:
+        """One more balancer over the same servers, on a free port, e.g. with another --max-conn.
+
+        Experiments use it to compare configurations without restarting the servers; it is stopped
+        with the cluster.
+        """
+        child = self._balancer(0, max_conn, name=f"balancer{len(self.extra) + 2}")
+        self.extra.append(child)
+        return child.wait_url()
+
+    def _balancer(self, port: int, max_conn: int, name: str = "balancer") -> Child:
+        urls = [child.url or "" for child in self.servers]
+        args = ["balance", "--host", self.ns.host, "--port", str(port), "--backends", ",".join(urls),
+                "--policy", self.ns.policy, "--name", name, "--log-level", self.ns.log_level,
+                "--max-conn", str(max_conn), "--queue-size", str(self.ns.queue_size),
+                "--queue-timeout", str(self.ns.queue_timeout), "--http", self.ns.http]  # fmt: skip
+        if self.ns.seed is not None:
+            args += ["--seed", str(self.ns.seed)]
+        env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None
+        return Child(args, env=env, echo=self.echo)
+
+    def supervise_once(self) -> None:
+        """Restart any server that died, on its old port, so the balancer re-admits it."""
+        for i, child in enumerate(self.servers):
+            if not child.alive() and child.url:
+                port = urlsplit(child.url).port or 0
+                self.logger.warning("server_died", server=f"server{i + 1}", exit=child.proc.returncode)
+                replacement = Child(_server_args(self.ns, i + 1, port), echo=self.echo)
+                self.servers[i] = replacement
+                try:
+                    replacement.wait_url(60)
+                    self.logger.info("server_restarted", server=f"server{i + 1}", url=replacement.url)
+                except ChildFailed as exc:
+                    self.logger.error("restart_failed", server=f"server{i + 1}", message=str(exc).splitlines()[0])
+
+    def stop(self) -> None:
+        # balancer first, so nothing new is sent to servers that are draining
+        stop_all([*self.extra, *([self.balancer] if self.balancer is not None else [])])
+        stop_all(self.servers)
+
+
+def up(argv: Sequence[str]) -> int:
+    parser = config.make_parser("imgclass up", "Start N model servers and a balancer on this machine.")
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    if ns.servers > 64:
+        raise ConfigError(f"--servers {ns.servers} is more than 64; start at most 64 servers on one machine.")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(ns)
+    try:
+        url = cluster.start()
+        host = urlsplit(url).hostname or ""
+        shown = url.replace("0.0.0.0", "127.0.0.1") if host == "0.0.0.0" else url
+        print(f"imgclass is up: {ns.servers} {ns.backend} server(s) behind {shown}/  (Ctrl-C stops everything)",
+              flush=True)  # fmt: skip
+        print(f"  classify: curl -F image=@photo.jpg {shown}/submit", flush=True)
+        while not stop.wait(0.5):
+            cluster.supervise_once()
+            if cluster.balancer is not None and not cluster.balancer.alive():
+                cluster.logger.error("balancer_died", exit=cluster.balancer.proc.returncode)
+                return 1
+    except ChildFailed as exc:
+        print(f"imgclass up: {exc}", flush=True)
+        return 1
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cluster_options(**overrides: object) -> argparse.Namespace:
+    """`imgclass up` options from the defaults table, for code that starts a LocalCluster itself."""
+    values = {name: config.resolved_default(name, config.UP) for name in config.options_for(config.UP)}
+    values["port"] = 0
+    values.update(overrides)
+    return argparse.Namespace(**values)

@@ -1,0 +1,66 @@
+"""`imgclass testbed`: rspec, unit, hosts, and the emulate, deploy, status and stop subcommands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import config
+from ..errors import ConfigError
+from .inventory import cluster_from_manifest
+from .rspec import DEFAULT_IMAGE, DEFAULT_SERVERS, request_rspec
+from .topology import star
+from .unit import systemd_unit
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "emulate":
+        from . import emulate
+
+        return emulate.main(argv[1:])
+    if argv and argv[0] in ("deploy", "status", "stop"):
+        from . import deploy
+
+        return deploy.main(argv[0], argv[1:])
+    parser = config.make_parser(
+        "imgclass testbed",
+        "Testbed tools: 'rspec' writes the request RSpec, 'hosts' makes cluster.json from a manifest, "
+        "'emulate' runs the RSpec's topology in network namespaces on this machine.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rspec = sub.add_parser("rspec", help="write the GENI v3 request RSpec")
+    rspec.add_argument(
+        "--servers", type=int, default=DEFAULT_SERVERS, help=f"model servers [default {DEFAULT_SERVERS}]"
+    )
+    rspec.add_argument("--hardware", choices=("vm", "rawpc"), default="vm", help="XenVM or raw PC [default vm]")
+    rspec.add_argument("--image", default=DEFAULT_IMAGE, help="disk image URN [default Ubuntu 22.04]")
+    rspec.add_argument("-o", "--output", help="file to write [default stdout]")
+    unit = sub.add_parser("unit", help="print the systemd unit for a role (install_script.sh --systemd uses it)")
+    unit.add_argument("--role", choices=("server", "balancer"), required=True)
+    unit.add_argument("--dir", required=True, help="the project folder on the node")
+    hosts = sub.add_parser("hosts", help="cluster.json from a manifest RSpec")
+    hosts.add_argument("manifest", help="the manifest XML saved from the portal")
+    hosts.add_argument("-o", "--output", default="cluster.json", help="[default cluster.json]")
+    args = parser.parse_args(argv)
+    if args.command == "unit":
+        print(systemd_unit(args.role, args.dir), end="")
+        return 0
+    if args.command == "rspec":
+        try:
+            text = request_rspec(star(args.servers), args.hardware, args.image)
+        except ValueError as exc:
+            raise ConfigError(f"--servers {args.servers}: {exc}.") from exc
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            print(text, end="")
+    else:
+        try:
+            manifest = Path(args.manifest).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.manifest!r} ({exc.strerror}).") from exc
+        doc = cluster_from_manifest(manifest)
+        Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.output}: " + ", ".join(f"{n['name']} ({n['role']})" for n in doc["nodes"]))
+    return 0

@@ -1,0 +1,138 @@
+"""Deploy over SSH for real: an OpenSSH server on 127.0.0.1 and two 'nodes' in different folders."""
+
+from __future__ import annotations
+
+import getpass
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ..conftest import multipart
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+if not (Path(SSHD).exists() and shutil.which("ssh") and shutil.which("ssh-keygen")):
+    pytest.skip("deploy test needs OpenSSH: install Debian openssh-server (./install_script.sh --dev)",
+                allow_module_level=True)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    config = d / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+LogLevel ERROR
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"sshd exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+                time.sleep(0.1)
+        yield {"port": str(port), "key": str(d / "client_key"), "known_hosts": str(d / "known_hosts"),
+               "user": getpass.getuser()}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _cluster(tmp_path: Path, ssh_port: str, user: str) -> tuple[Path, int, int]:
+    server_port, balancer_port = _free_port(), _free_port()
+    nodes = [
+        {"role": "server", "name": "server1", "control_host": "127.0.0.1", "control_port": int(ssh_port),
+         "user": user, "data_ip": "127.0.0.1", "service_port": server_port, "remote_dir": str(tmp_path / "node1")},
+        {"role": "balancer", "name": "balancer", "control_host": "127.0.0.1", "control_port": int(ssh_port),
+         "user": user, "service_port": balancer_port, "remote_dir": str(tmp_path / "node2")},
+    ]  # fmt: skip
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"nodes": nodes}))
+    return path, server_port, balancer_port
+
+
+def _testbed(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imgclass", "testbed", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def test_dry_run_prints_every_command_and_touches_nothing(tmp_path: Path, sshd: dict[str, str]) -> None:
+    cluster, _, _ = _cluster(tmp_path, sshd["port"], sshd["user"])
+    proc = _testbed("deploy", "--cluster", str(cluster), "--key", sshd["key"], "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("tar -czf -") == 2 and out.count("install_script.sh --role") == 2
+    assert "imgclass serve" in out and "imgclass balance" in out and f"-p {sshd['port']}" in out
+    assert not (tmp_path / "node1").exists() and not (tmp_path / "node2").exists()
+
+
+def test_deploy_status_stop_against_a_real_sshd(
+    tmp_path: Path, sshd: dict[str, str], model_dir: Path, images_dir: Path
+) -> None:
+    cluster, server_port, balancer_port = _cluster(tmp_path, sshd["port"], sshd["user"])
+    common = ["--cluster", str(cluster), "--key", sshd["key"], "--known-hosts", sshd["known_hosts"]]
+    try:
+        proc = _testbed("deploy", *common, "--model-dir", str(model_dir))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert (tmp_path / "node1" / ".venv" / "bin" / "imgclass").exists()
+        assert (tmp_path / "node2" / "server_script.py").exists()
+        buf = io.BytesIO()
+        Image.open(images_dir / "parrot.jpg").convert("RGB").resize((224, 224)).save(buf, "JPEG")
+        body, ctype = multipart({"image": ("p.jpg", buf.getvalue(), "image/jpeg")})
+        req = urllib.request.Request(f"http://127.0.0.1:{balancer_port}/submit", data=body,
+                                     headers={"Content-Type": ctype})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as response:
+            doc = json.loads(response.read())
+        assert doc["predictions"][0]["index"] == 88 and doc["server"] == "server1"
+        status = _testbed("status", *common, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert "server1" in status.stdout and "balancer" in status.stdout and "down" not in status.stdout
+    finally:
+        stop = _testbed("stop", *common, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    for port in (server_port, balancer_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), 1).close()
+    assert not (tmp_path / "node1" / "imgclass-server.pid").exists()
+    after = _testbed("status", *common, timeout=120)
+    assert after.returncode == 1 and "down" in after.stdout
