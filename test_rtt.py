@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Round-trip time against image size, and accuracy against resolution (imgclass.rtt)."""
+"""Round-trip time against image size, and accuracy against resolution (imgclass.measure.rtt)."""
 
 import sys
 
-from imgclass.rtt import main
+from imgclass.measure.rtt import main
 
 if __name__ == "__main__":
     sys.exit(main())

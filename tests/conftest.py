@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,6 +15,7 @@ import pytest
 
 from imgclass.process import Child, stop_all
 from imgclass.serving import modelfiles
+from imgclass.web.server import ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -139,21 +140,23 @@ def descendants(pid: int) -> set[int]:
 
 
 class ServedApp:
-    """An app served by a real uvicorn on an ephemeral port, in a thread of its own (no signal handling)."""
+    """An ASGI app served by a real uvicorn, configured as `imgclass serve` configures it, on an
+    ephemeral port, in a thread of its own (so no signal handling); `stop()` drains it as SIGTERM does."""
 
-    def __init__(self, app: object, **options: object) -> None:
+    def __init__(self, app: object, options: ServerOptions | None = None, **changes: object) -> None:
         import asyncio
+        import dataclasses
         import threading
 
         import uvicorn
 
-        from imgclass.web.server import bind_socket, socket_url
+        from imgclass.web.server import ServerOptions, bind_socket, socket_url, uvicorn_config
 
+        options = dataclasses.replace(options or ServerOptions(), **changes)  # type: ignore[arg-type]
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = socket_url(self.sock)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, **options)  # type: ignore[arg-type]
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, options))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_until_complete, args=(self.server.serve(sockets=[self.sock]),), daemon=True

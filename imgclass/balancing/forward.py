@@ -20,10 +20,7 @@ from .pool import BackendState
 from .state import Balancer
 
 OPTIONS = frozenset({"policy", "number_backend_servers"})  # ours: never passed on to the model server
-# Headers of the backend's answer that describe its connection or that we set ourselves.
-_NOT_PASSED_ON = frozenset(
-    {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server", b"x-request-id"}
-)
+_ON_ERRORS = frozenset({b"retry-after", b"allow"})  # an error's headers that the client gets too
 
 
 class UpstreamFailure(Exception):
@@ -52,14 +49,20 @@ def _url(base: str, path: str) -> URL:
 async def post(
     session: aiohttp.ClientSession, url: URL, body: bytes, headers: dict[str, str]
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """POST to a backend: (status, raw headers, body), or UpstreamFailure / ReadTimeout.
+    """POST to a backend: (status, the headers the client gets too, body), or UpstreamFailure / ReadTimeout.
 
     The session's timeout applies: --connect-timeout to connect, --timeout as the longest silence.
     """
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as answer:
             payload = await answer.read()
-            return answer.status, list(answer.raw_headers), payload
+            status = answer.status
+            # What the body is, and what an error asks of the client; the rest describe the
+            # backend's connection, or we set them ourselves.
+            passed = [(b"content-type", answer.headers.get("Content-Type", "application/json").encode("latin-1"))]
+            if status >= 400:
+                passed += [(k.lower(), v) for k, v in answer.raw_headers if k.lower() in _ON_ERRORS]
+            return status, passed, payload
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamFailure("connect failed: connect timed out", kind="connect") from None
     except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
@@ -125,11 +128,17 @@ class Forward:
             if backend is None:
                 backend, self.queued_ms = await balancer.acquire(self.policy, self.first_k)
             self.backend = backend
+            assert balancer.session is not None
+            sent = time.perf_counter()
             try:
-                status, headers, body, upstream_ms = await self._send(backend)
+                status, headers, body = await post(
+                    balancer.session, _url(backend.url, self.path), self.request.body, self.headers
+                )
             except (UpstreamFailure, ReadTimeout) as exc:
                 return await self._recover(backend, exc)
-            return self._finish(backend, status, headers, body, upstream_ms)
+            finally:
+                balancer.slots.release(backend)
+            return self._finish(backend, status, headers, body, (time.perf_counter() - sent) * 1000)
         except asyncio.CancelledError:
             # The client left (or the server is stopping): the queue place or the slot is already
             # given back by acquire() and _send(); the model server sees its connection close.
@@ -190,13 +199,12 @@ class Forward:
             balancer.pool.record_failure(backend, f"http_{status}", connection=False)
         else:
             balancer.pool.record_success(backend, upstream_ms)
-        out = [(k, v) for k, v in headers if k.lower() not in _NOT_PASSED_ON]
-        out.append((b"x-backend", backend.url.encode()))
+        headers.append((b"x-backend", backend.url.encode()))
         total = time.perf_counter() - self.start
         if status == 200:
             body = annotate(body, backend.url, upstream_ms, self.queued_ms, total * 1000)
         balancer.latency.observe(total)
-        return Response(body, status, out)
+        return Response(body, status, headers)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -72,7 +72,8 @@ class Pool:
     def candidates(self, first_k: int | None = None, exclude: BackendState | None = None) -> list[BackendState]:
         now = time.monotonic()
         pool = self.backends if first_k is None else self.backends[:first_k]
-        return [b for b in pool if b is not exclude and b.available(now)]
+        # available(), inlined: this runs for every request
+        return [b for b in pool if b.healthy and now >= b.ejected_until and b is not exclude]
 
     def find(self, url: str) -> BackendState | None:
         return next((b for b in self.backends if b.url == url), None)

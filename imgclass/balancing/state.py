@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import log
 from ..errors import NoBackendAvailable, QueueFull, QueueTimeout
-from ..web.metrics import CountByLabels
+from ..web.metrics import Buckets, Counts
 from .policies import make_policies
 from .pool import BackendState, HealthSettings, Pool
 from .settings import BalancerSettings
@@ -44,16 +44,14 @@ class Balancer:
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
         )
         self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = Counts(
             "imgclass_balancer_requests", "Forwarded requests by backend and status", ["backend", "status"],
-            registry=self.registry,
+            self.registry,
         )  # fmt: skip
-        self.latency = Histogram(
+        self.latency = Buckets(
             "imgclass_balancer_request_seconds", "POST /submit latency as the client sees it",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
-            registry=self.registry,
+            (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30), self.registry,
         )  # fmt: skip
-        self._count = CountByLabels(self.requests)
         self.retries = Counter(
             "imgclass_balancer_retries", "Requests retried on another backend", registry=self.registry
         )
@@ -90,7 +88,7 @@ class Balancer:
             await self.session.close()
 
     def count(self, url: str, status: int | str) -> None:
-        self._count.inc(url, status)
+        self.requests.inc(url, status)
 
     def take_now(self, policy: str, first_k: int | None) -> BackendState | None:
         """A backend with a slot taken if one is free now; None if the request must wait in the queue."""

@@ -16,7 +16,7 @@ from PIL import Image
 from ..local import LocalCluster, cluster_options
 from ..testbed.inventory import balancer_url_from_cluster
 
-DEFAULT_IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "images"  # ../shared beside the checkout
 
 
 def default_images_dir() -> Path:

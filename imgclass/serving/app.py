@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .. import log
 from ..errors import BadParameter, ConfigError, NotReady
 from ..web.app import App, Limits, Request, Response, json_response
-from ..web.metrics import CountByLabels, healthz, metrics_handler
+from ..web.metrics import Buckets, Counts, healthz, metrics_handler
 from ..web.server import bind_socket, run, serve, socket_url
 from .backends import Backend, BackendOptions, load_backend
 from .batching import Batcher, Job, Result
@@ -45,12 +45,10 @@ class ModelServer:
         for engine in engines:
             self.backend.warm_up(engine, max_batch)
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "imgclass_server_requests", "Requests by route and status", ["route", "status"], registry=self.registry
+        self.requests = Counts(
+            "imgclass_server_requests", "Requests by route and status", ["route", "status"], self.registry
         )
-        self.latency = Histogram(
-            "imgclass_server_predict_seconds", "POST /predict latency", buckets=LATENCY_BUCKETS, registry=self.registry
-        )
+        self.latency = Buckets("imgclass_server_predict_seconds", "POST /predict latency", LATENCY_BUCKETS, self.registry)
         self.batch_sizes = Histogram(
             "imgclass_server_batch_size", "Images per inference batch",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
@@ -154,7 +152,7 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
     app.route("GET", "/", functools.partial(info, server))
     app.route("GET", "/healthz", healthz)
     app.route("GET", "/metrics", metrics_handler(server.registry))
-    requests = CountByLabels(server.requests)
+    requests = server.requests
     verbose = logger.enabled(logging.INFO)
     known = set(app.routes)
 

@@ -14,7 +14,7 @@ from .. import config
 from ..errors import ConfigError, ImgclassError
 from .inventory import BALANCER_PORT, SERVER_PORT, read_cluster
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: imgclass/testbed/deploy.py
 EXCLUDES = (".git", ".venv", "models", "results", "test-artifacts", "__pycache__", "*.egg-info", ".pytest_cache",
             ".ruff_cache")  # fmt: skip
 

@@ -33,26 +33,22 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+_NO_PARAMS: dict[str, str] = {}
+
+
 class Request:
     """One HTTP request: what the handler may read; the body is read before the handler runs."""
 
     __slots__ = ("_query", "body", "headers", "id", "method", "params", "path", "query_string")
 
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        query_string: bytes = b"",
-        headers: dict[str, str] | None = None,
-        body: bytes = b"",
-    ) -> None:
+    def __init__(self, method: str, path: str, query_string: bytes, headers: dict[str, str], rid: str) -> None:
         self.method = method
         self.path = path
         self.query_string = query_string
-        self.headers = headers or {}  # names lower-cased; repeated headers folded with ", "
-        self.body = body
-        self.id = "-"  # X-Request-ID, set by App
-        self.params: dict[str, str] = {}  # {name} segments of a pattern route
+        self.headers = headers  # names lower-cased; repeated headers folded with ", "
+        self.body = b""
+        self.id = rid  # X-Request-ID: the client's, if it is a plain token, else a fresh one
+        self.params: dict[str, str] = _NO_PARAMS  # {name} segments of a pattern route
         self._query: dict[str, str] | None = None
 
     @property
@@ -129,6 +125,15 @@ def request_id(supplied: str | None) -> str:
     if supplied and _REQUEST_ID.fullmatch(supplied):
         return supplied
     return log.new_request_id()
+
+
+def _folded(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Repeated headers folded into one, comma-separated (RFC 9110 section 5.3)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
 
 
 class _ReadDeadline:
@@ -299,17 +304,19 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
-            # repeated headers fold into one, comma-separated (RFC 9110 section 5.3)
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        request = Request(scope["method"], scope["path"], scope["query_string"], headers)
-        rid = request.id = request_id(headers.get("x-request-id"))
+        raw = scope["headers"]
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        if len(headers) != len(raw):
+            headers = _folded(raw)
+        rid = request_id(headers.get("x-request-id"))
+        request = Request(scope["method"], scope["path"], scope["query_string"], headers, rid)
         log.request_id.set(rid)
         close = False
         try:
-            route = self._find(request)
+            methods = self.routes.get(request.path)
+            route = methods.get(request.method) if methods is not None else None
+            if route is None:
+                route = self._find(request)
             if route.body:
                 request.body = await self._read_body(request, receive)
             if route.watch is not None:

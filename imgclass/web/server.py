@@ -82,18 +82,13 @@ def _attach_uvicorn_log(logger: log.EventLogger) -> None:
         target.setLevel(logging.WARNING)  # its INFO lines (started, waiting) duplicate ours
 
 
-async def serve(app: App, sock: socket.socket, options: ServerOptions | None = None) -> None:
-    """Serve `app` on the bound socket until SIGINT/SIGTERM; in-flight requests finish first.
-
-    The lines `listening url=...` and `stopped` are what supervisors (imgclass up, the tests) wait for.
-    """
-    options = options or ServerOptions()
-    logger = app.logger
-    _attach_uvicorn_log(logger)
-    config = uvicorn.Config(
+def uvicorn_config(app: Any, options: ServerOptions) -> uvicorn.Config:
+    """uvicorn's settings for our apps: its own limits, none of its logging, no proxy headers."""
+    return uvicorn.Config(
         app,
         http=options.http,
         lifespan="on",
+        ws="none",  # no WebSocket routes: an Upgrade request is answered as plain HTTP
         log_config=None,
         access_log=False,
         server_header=False,
@@ -104,6 +99,17 @@ async def serve(app: App, sock: socket.socket, options: ServerOptions | None = N
         backlog=BACKLOG,
         h11_max_incomplete_event_size=options.max_head_bytes,
     )
+
+
+async def serve(app: App, sock: socket.socket, options: ServerOptions | None = None) -> None:
+    """Serve `app` on the bound socket until SIGINT/SIGTERM; in-flight requests finish first.
+
+    The lines `listening url=...` and `stopped` are what supervisors (imgclass up, the tests) wait for.
+    """
+    options = options or ServerOptions()
+    logger = app.logger
+    _attach_uvicorn_log(logger)
+    config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in place
     # that re-raise is a no-op, so this coroutine returns normally and can log that it stopped.

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgclass.testbed import rspec
 from imgclass.testbed.emulate import netem_available, topology_from_rspec
+from imgclass.testbed.rspec import DEFAULT_SERVERS, request_rspec
 from imgclass.testbed.topology import star
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,7 +79,7 @@ def _leftovers(run_id: str) -> list[str]:
 
 def _run_slice(tmp_path: Path, model_dir: Path, run_id: str, rate: str, delay: str, photo: Path) -> dict:
     rspec = tmp_path / "two.rspec"
-    rspec.write_text(rspec.request_rspec(star(2)))
+    rspec.write_text(request_rspec(star(2)))
     client = tmp_path / "client.py"
     client.write_text(CLIENT)
     url = "http://10.10.3.2:5000"
@@ -94,7 +94,7 @@ def _run_slice(tmp_path: Path, model_dir: Path, run_id: str, rate: str, delay: s
 
 
 def test_topology_from_rspec_matches_the_generator() -> None:
-    assert topology_from_rspec((ROOT / "image_class.rspec").read_text()) == star(rspec.DEFAULT_SERVERS)
+    assert topology_from_rspec((ROOT / "image_class.rspec").read_text()) == star(DEFAULT_SERVERS)
 
 
 @needs_netns

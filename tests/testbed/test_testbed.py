@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from imgclass.errors import ConfigError
-from imgclass.testbed import inventory, rspec
+from imgclass.testbed import inventory
+from imgclass.testbed.rspec import DEFAULT_SERVERS, request_rspec
 from imgclass.testbed.topology import star
 from imgclass.testbed.unit import systemd_unit
 
@@ -23,7 +24,7 @@ NS = {"r": "http://www.geni.net/resources/rspec/3"}
 
 
 def test_committed_rspec_is_the_generators_default() -> None:
-    assert (ROOT / "image_class.rspec").read_text() == rspec.request_rspec(star(rspec.DEFAULT_SERVERS))
+    assert (ROOT / "image_class.rspec").read_text() == request_rspec(star(DEFAULT_SERVERS))
 
 
 def test_rspec_for_six_servers_has_the_original_addresses() -> None:
@@ -48,7 +49,7 @@ def test_rspec_for_six_servers_has_the_original_addresses() -> None:
 
 
 def test_rawpc_hardware() -> None:
-    text = rspec.request_rspec(star(2), hardware="rawpc")
+    text = request_rspec(star(2), hardware="rawpc")
     assert 'sliver_type name="raw"' in text and 'exclusive="true"' in text and "emulab-xen" not in text
 
 
@@ -105,7 +106,7 @@ def test_profile_builds_the_same_topology(monkeypatch: pytest.MonkeyPatch, serve
     monkeypatch.setitem(sys.modules, "geni.portal", standin)
     monkeypatch.setattr(geni, "portal", standin, raising=False)
     runpy.run_path(str(ROOT / "profile.py"), run_name="__main__")
-    assert printed == [rspec.request_rspec(star(servers))]
+    assert printed == [request_rspec(star(servers))]
 
 
 MANIFEST = """<?xml version="1.0"?>
