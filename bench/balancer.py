@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Our balancer against nginx (`random; keepalive 64`) on the same sleep backends, from one run.
+"""Our balancer against nginx (`random; keepalive 64`) and a bare ASGI forwarder, on the same sleep backends.
 
     IMGCLASS_MODEL_DIR=../shared/models .venv/bin/python bench/balancer.py [--seconds 10]
 
@@ -12,6 +12,9 @@ run-queue wait (runnable, waiting for a core) and preemptions (involuntary conte
 which show how much of the added latency is sharing cores rather than the proxy's own path.
 The added p50 is the median over rounds of (proxy p50 - direct p50); beside it, an exact 95% CI
 for that median from order statistics, so that a PASS or FAIL within the host's noise says so.
+
+The third proxy, "bare-asgi" (bench/asgi_proxy.py), is uvicorn and aiohttp with nothing else: the
+floor of the stack the balancer stands on, so the balancer's CPU beyond it is what its features cost.
 
 By default every process shares every core, which is how the targets are checked. --pin (two
 cores or more) gives the proxy under test the last core to itself and puts the backends, the load
@@ -29,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +51,8 @@ from imgclass.measure.experiment import jpeg_of, multipart  # noqa: E402
 from imgclass.measure.stats import median_ci  # noqa: E402
 from imgclass.process import Child, stop_all  # noqa: E402
 
+CPU_TARGET = 5.0  # issue 15: CPU per forwarded request at most 5 x nginx's, on uvicorn and aiohttp
+
 NGINX_HTTP = """
     client_body_buffer_size 128k;
     client_max_body_size 25m;
@@ -61,6 +67,25 @@ NGINX_SERVER = """
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bench/asgi_proxy.py exited with {proc.returncode}") from None
+            time.sleep(0.05)
+    raise RuntimeError("bench/asgi_proxy.py did not listen")
 
 
 def upload(images: Path) -> tuple[bytes, str]:
@@ -117,6 +142,7 @@ def main() -> int:
     nginx_bin = find_nginx(install=True)
     children: list[Child] = []
     nginx: Nginx | None = None
+    bare: subprocess.Popen[bytes] | None = None
     try:
         children = [Child(["serve", "--port", "0", "--backend", "sleep", "--service-time", args.service_time,
                            "--threads", "16", "--max-queue", "4096"], env=env) for _ in range(args.backends)]  # fmt: skip
@@ -130,6 +156,17 @@ def main() -> int:
         # direct = the client picks a backend at random itself: same load per backend, one hop fewer
         spread = tuple(b + "/predict" for b in backends)
         targets["imgclass"] = (ours_url, [ours.pid])
+        bare_port = free_port()
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "asgi_proxy:app", "--port", str(bare_port), "--http", "httptools",
+             "--loop", "uvloop", "--log-level", "warning", "--no-access-log", "--no-proxy-headers"],
+            cwd=Path(__file__).parent, env={**os.environ, "BACKENDS": ",".join(backends)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_listening(bare_port, bare)
+        if pinned:
+            pin(bare.pid, {cpus[-1]})
+        targets["bare-asgi"] = (f"http://127.0.0.1:{bare_port}/submit", [bare.pid])
         tmp = Path(tempfile.mkdtemp(prefix="imgclass-bench-"))
         if nginx_bin:
             servers = "\n".join(f"        server {urlsplit(b).netloc};" for b in backends)
@@ -194,16 +231,24 @@ def main() -> int:
     finally:
         if nginx is not None:
             nginx.stop()
+        if bare is not None:
+            bare.terminate()
+            bare.wait(10)
         stop_all(children)
 
-    print(f"\n{'':38}{'direct':>10}{'imgclass':>10}{'nginx':>10}{'ratio':>8}")
+    proxies = [k for k in ("imgclass", "bare-asgi", "nginx") if k in targets]
+    print(f"\n{'':44}{'direct':>10}" + "".join(f"{k:>11}" for k in proxies) + f"{'ours/nginx':>12}{'bare/nginx':>12}")
 
     def row(label: str, values: dict[str, float], fmt: str, ratio: bool = True) -> None:
         cells = "".join(
-            f"{values[k]:>10{fmt}}" if k in values else f"{'-':>10}" for k in ("direct", "imgclass", "nginx")
+            f"{values[k]:>{10 if k == 'direct' else 11}{fmt}}" if k in values else f"{'-':>{10 if k == 'direct' else 11}}"
+            for k in ("direct", *proxies)
         )
-        r = values["imgclass"] / values["nginx"] if ratio and "nginx" in values and values["nginx"] else float("nan")
-        print(f"{label:38}{cells}{r:>8.2f}")
+
+        def r(k: str) -> float:
+            return values[k] / values["nginx"] if ratio and values.get("nginx") and k in values else float("nan")
+
+        print(f"{label:44}{cells}{r('imgclass'):>12.2f}{r('bare-asgi'):>12.2f}")
 
     row("CPU ms/request at half load", {k: v[2] for k, v in lat.items() if k != "direct"}, ".3f")
     row("run-queue wait ms/request at half load", {k: v[3] for k, v in lat.items() if k != "direct"}, ".3f")
@@ -220,13 +265,11 @@ def main() -> int:
         print(f"# {k}: added p50, 95% CI for the median over rounds (order statistics) {lo:.3f} to {hi:.3f} ms")
     if "nginx" in lat:
         cpu_ratio = lat["imgclass"][2] / lat["nginx"][2]
-        print(f"\ntarget: our CPU/request <= 4 x nginx's at half load: {cpu_ratio:.2f} x -> "
-              f"{'PASS' if cpu_ratio <= 4 else 'FAIL'}")  # fmt: skip
+        print(f"\ntarget: our CPU/request <= {CPU_TARGET:g} x nginx's at half load: {cpu_ratio:.2f} x -> "
+              f"{'PASS' if cpu_ratio <= CPU_TARGET else 'FAIL'}")  # fmt: skip
     point, (lo, hi) = added["imgclass"][0], added_ci["imgclass"]
-    # The verdict is on the median; the CI says whether another run on this host could turn it over.
-    margin = "" if math.isnan(lo) else (" (its CI is all below 1 ms)" if hi <= 1 else
-                                         " (its CI is all above 1 ms)" if lo > 1 else " (its CI straddles 1 ms)")  # fmt: skip
-    print(f"target: our added p50 <= 1 ms at half load: {point:.3f} ms -> {'PASS' if point <= 1 else 'FAIL'}{margin}")
+    margin = "" if math.isnan(lo) else f" (95% CI {lo:.2f} to {hi:.2f} ms)"
+    print(f"our added p50 at half load: {point:.3f} ms{margin}; nginx's {added['nginx'][0] if 'nginx' in added else float('nan'):.3f} ms")
     print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
           f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} rounds of "
           f"{args.round_seconds:g} s, targets shuffled in each; {placement}")  # fmt: skip

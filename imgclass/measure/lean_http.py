@@ -92,7 +92,7 @@ class ReadTimeout(Exception):
 
 
 @dataclass
-class Response:
+class HttpReply:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
@@ -103,7 +103,7 @@ class Response:
 
 
 # Called exactly once per request: (response, None) or (None, UpstreamFailure | ReadTimeout).
-Callback = Callable[[Response | None, Exception | None], None]
+Callback = Callable[[HttpReply | None, Exception | None], None]
 
 
 class _Connection(asyncio.Protocol):
@@ -164,7 +164,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        response = Response(self.parser.get_status_code(), self.headers, body)
+        response = HttpReply(self.parser.get_status_code(), self.headers, body)
         keep = self.parser.should_keep_alive()
         self.headers, self.body, self.got_bytes = [], [], False
         # back in the pool before the callback runs, so that what it sends next may reuse us
@@ -174,7 +174,7 @@ class _Connection(asyncio.Protocol):
             self.close()
         self._finish(response, None)
 
-    def _finish(self, response: Response | None, exc: Exception | None) -> None:
+    def _finish(self, response: HttpReply | None, exc: Exception | None) -> None:
         callback = self.callback
         self.callback = self.resend = None
         self.deadline.clear()
@@ -242,10 +242,10 @@ class HostPool:
             conn.close()  # the server hung up and the loop has not yet told us (connection_lost pending)
         return False
 
-    async def request(self, path: bytes, headers: list[tuple[str, str]], body: bytes) -> Response:
-        future: asyncio.Future[Response] = self._get_loop().create_future()
+    async def request(self, path: bytes, headers: list[tuple[str, str]], body: bytes) -> HttpReply:
+        future: asyncio.Future[HttpReply] = self._get_loop().create_future()
 
-        def done(response: Response | None, exc: Exception | None) -> None:
+        def done(response: HttpReply | None, exc: Exception | None) -> None:
             if not future.done():  # a caller that was cancelled no longer wants it
                 if exc is not None:
                     future.set_exception(exc)
