@@ -1,13 +1,16 @@
-"""The membership routes: GET /backends for anyone, POST and DELETE /backends with the admin token."""
+"""Routes about the backends: GET /backends and /labels for anyone, POST and DELETE /backends with the admin token."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
 
+import aiohttp
+
 from .. import config
-from ..errors import BadJSON, BadParameter, Forbidden, Unauthorized
+from ..errors import BadJSON, BadParameter, Forbidden, NoBackendAvailable, Unauthorized
 from ..web.app import Request, Response, json_response
 from .state import Balancer
 
@@ -27,6 +30,23 @@ def require_admin(balancer: Balancer, request: Request) -> None:
 async def list_backends(balancer: Balancer, request: Request) -> Response:
     now = time.monotonic()
     return json_response([b.snapshot(now) for b in balancer.pool.backends])
+
+
+async def labels(balancer: Balancer, request: Request) -> Response:
+    """The model's class list, as a healthy model server gives it (fetched once, then kept)."""
+    if balancer.labels is None:
+        assert balancer.session is not None
+        for backend in balancer.pool.candidates():
+            try:
+                async with balancer.session.get(backend.url + "/labels") as answer:
+                    if answer.status == 200:
+                        balancer.labels = await answer.read()
+                        break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+        else:
+            raise NoBackendAvailable("No healthy model server can list the labels; retry shortly.", retry_after=1)
+    return Response(balancer.labels, 200, [(b"content-type", b"application/json")])
 
 
 async def add_backend(balancer: Balancer, request: Request) -> Response:

@@ -57,6 +57,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
     app.route("POST", "/submit", bind(submit), watch=WATCH_AFTER_S)
     # /predict too, so that the model server's curl line works on the balancer
     app.route("POST", "/predict", bind(submit), watch=WATCH_AFTER_S)
+    app.route("GET", "/labels", bind(admin.labels))
     app.route("GET", "/backends", bind(admin.list_backends))
     app.route("POST", "/backends", bind(admin.add_backend))
     app.route("DELETE", "/backends", bind(admin.remove_backend))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections import deque
@@ -28,6 +29,7 @@ class HealthSettings:
 @dataclass
 class BackendState:
     url: str
+    name: str | None = None  # the model server's own name (its --name), from its /readyz answer
     healthy: bool = True
     in_flight: int = 0
     served: int = 0
@@ -46,6 +48,7 @@ class BackendState:
         ejected = self.ejected_until > now
         return {
             "url": self.url,
+            "name": self.name,
             "healthy": self.healthy,
             "available": self.available(now),
             "in_flight": self.in_flight,
@@ -55,6 +58,14 @@ class BackendState:
             "ejected_until": time.time() + (self.ejected_until - now) if ejected else None,
             "latency_p50_ms": round(statistics.median(self.recent_ms), 3) if self.recent_ms else None,
         }
+
+
+def _server_name(readyz_body: bytes) -> str | None:
+    try:
+        name = json.loads(readyz_body).get("server")
+    except (ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 class Pool:
@@ -140,7 +151,9 @@ class Pool:
         try:
             async with self._session.get(backend.url + "/readyz", timeout=self._check_timeout) as response:
                 ok = response.status == 200
-                await response.read()
+                body = await response.read()
+            if ok:
+                backend.name = _server_name(body) or backend.name
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             ok = False
         if ok:

@@ -39,6 +39,7 @@ class Balancer:
         self.policies = make_policies(settings.seed)
         # One client for the whole process: forwarding and health checks share its keep-alive pools.
         self.session: aiohttp.ClientSession | None = None
+        self.labels: bytes | None = None  # the model's class list, from a model server's /labels
         # sock_read is a read timeout (the longest silence from a backend), as --timeout promises
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout

@@ -140,6 +140,11 @@ async def info(server: ModelServer, request: Request) -> Response:
     return json_response(server.describe())
 
 
+async def labels(server: ModelServer, request: Request) -> Response:
+    """The classes the model knows, index i being the Keras/ImageNet class index in /predict."""
+    return json_response({"model": server.backend.model_name, "labels": server.backend.labels})
+
+
 def create_app(settings: ServerSettings, name: str | None = None) -> App:
     """Load and warm up the model, then return the app. Nothing is loaded at import time."""
     name = name or settings.name or f"{settings.host}:{settings.port}"
@@ -150,6 +155,7 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
     app.route("POST", "/predict", functools.partial(predict, server), watch=0.0)
     app.route("GET", "/readyz", functools.partial(readyz, server))
     app.route("GET", "/", functools.partial(info, server))
+    app.route("GET", "/labels", functools.partial(labels, server))
     app.route("GET", "/healthz", healthz)
     app.route("GET", "/metrics", metrics_handler(server.registry))
     requests = server.requests

@@ -39,6 +39,9 @@ def test_forwards_in_process(backend: str) -> None:
             assert r.status_code == 200 and len(r.json()["predictions"]) == 3
             listed = (await client.get("/backends")).json()
             assert listed[0]["served"] == 2 and listed[0]["latency_p50_ms"] > 0
+            assert listed[0]["name"] == "inproc"  # the model server's own name, from its /readyz
+            labels = (await client.get("/labels")).json()["labels"]
+            assert len(labels) == 1000 and labels[88] == "macaw"
             r = await client.get("/submit")
             assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"] == "method_not_allowed"
             r = await client.get("/nowhere")
