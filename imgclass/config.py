@@ -39,7 +39,7 @@ def _number(text: str, what: str) -> float:
 
 
 def port(text: str) -> int:
-    what = "a port is a whole number from 0 to 65535 (0 picks a free one)"
+    what = "give a port, a whole number from 0 to 65535 (0 picks a free one)"
     value = _whole(text, what)
     if not 0 <= value <= 65535:
         raise ValueError(what)
@@ -372,6 +372,14 @@ def add_options(
 
 def add_role_options(parser: argparse.ArgumentParser, role: str, skip: Sequence[str] = ()) -> None:
     add_options(parser, [n for n in options_for(role) if n not in skip], role)
+
+
+def positive_int_arg(value: str) -> int:
+    """positive_int for a plain argparse argument: its message becomes argparse's."""
+    try:
+        return positive_int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -94,6 +94,13 @@ class UnsupportedFormat(RequestError):
     code = "unsupported_format"
 
 
+class UnsupportedContentType(RequestError):
+    """The body is in a form the API does not take (the message lists the forms it does)."""
+
+    status = 415
+    code = "unsupported_content_type"
+
+
 class TooManyPixels(RequestError):
     status = 422
     code = "too_many_pixels"

@@ -92,8 +92,12 @@ def request_options(balancer: Balancer, request: Request) -> tuple[str, int | No
     first_k = None
     if "number_backend_servers" in values:
         raw = values["number_backend_servers"]
-        if not raw.isdigit() or int(raw) < 1:
-            raise BadParameter(f"number_backend_servers must be a whole number of at least 1, not {raw!r}.")
+        count = len(balancer.pool.backends)
+        if not raw.isdigit() or not 1 <= int(raw) <= count:
+            raise BadParameter(
+                f"number_backend_servers must be a whole number from 1 to {count} (the backends this balancer has), "
+                f"not {raw!r}."
+            )
         first_k = int(raw)
     return policy, first_k
 

@@ -30,6 +30,30 @@ _OTHER_IMAGE_SIGNATURES: list[tuple[int, bytes, str]] = [
 ]
 
 
+# Signatures of the formats we read: an upload that starts like one but cannot be opened was cut short.
+_READ_SIGNATURES: list[tuple[int, bytes, str]] = [
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (8, b"WEBP", "WebP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+]
+
+
+_BMP_INFO_SIZES = {12, 40, 52, 56, 64, 108, 124}  # "BM" alone is too common in text to mean BMP
+
+
+def _sniff_read_format(data: bytes) -> str | None:
+    for offset, magic, name in _READ_SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    if data[:2] == b"BM" and (len(data) < 18 or int.from_bytes(data[14:18], "little") in _BMP_INFO_SIZES):
+        return "BMP"
+    return None
+
+
 def _sniff_other_format(data: bytes) -> str | None:
     for offset, magic, name in _OTHER_IMAGE_SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
@@ -63,6 +87,11 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError:
+        ours = _sniff_read_format(data)
+        if ours:
+            raise TruncatedImage(
+                f"The upload starts like a {ours} file but its header is incomplete; upload the complete file."
+            ) from None
         other = _sniff_other_format(data)
         if other:
             raise UnsupportedFormat(
@@ -74,6 +103,11 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooManyPixels(f"The image has more than {max_pixels} pixels; send a smaller image.") from None
     except (OSError, ValueError, SyntaxError) as exc:
+        ours = _sniff_read_format(data)
+        if ours:
+            raise TruncatedImage(
+                f"The {ours} header is damaged or incomplete ({exc}); upload the complete file."
+            ) from None
         raise NotAnImage(f"The image header cannot be read ({exc}).") from None
     with im:
         if im.format not in READ_FORMATS:

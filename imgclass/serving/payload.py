@@ -9,12 +9,19 @@ import json
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..errors import BadBase64, BadJSON, EmptyBody, MissingField
+from ..errors import BadBase64, BadJSON, EmptyBody, MissingField, UnsupportedContentType
 from ..web.app import too_large
 from ..web.forms import media_type, multipart_boundary
 
 FIELD = "image"
 FIELD_BYTES = FIELD.encode()
+# Every accepted form of upload, for the messages that must say what to send instead.
+FORMS = (
+    "multipart/form-data with the file in field 'image' (curl -F image=@photo.jpg), "
+    'JSON {"image": "<base64>"} with Content-Type application/json, '
+    "or the raw file with Content-Type image/* or application/octet-stream "
+    "(curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg)"
+)
 
 
 def decode_base64(text: object) -> bytes:
@@ -51,15 +58,13 @@ def read_image(body: bytes, content_type: str, limit: int) -> bytes:
     if ctype == "multipart/form-data":
         data = image_from_multipart(body, content_type)
     elif not body:
-        raise EmptyBody('The request body is empty; send multipart field \'image\' or JSON {"image": "<base64>"}.')
+        raise EmptyBody(f"The request body is empty; send {FORMS}.")
     elif ctype == "application/json":
         data = image_from_json(body)
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        data = body
+    elif not ctype or ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = body  # the raw file; with no Content-Type at all, the bytes must speak for themselves
     else:
-        raise MissingField(
-            f'Unsupported Content-Type {ctype or "none"!r}; send multipart field \'image\' or JSON {{"image": "<base64>"}}.'
-        )
+        raise UnsupportedContentType(f"Content-Type {ctype!r} is not one this API takes; send {FORMS}.")
     if len(data) > limit:
         raise too_large(limit)
     return data

@@ -13,6 +13,16 @@ from .rspec import DEFAULT_IMAGE, DEFAULT_SERVERS, request_rspec
 from .topology import star
 from .unit import systemd_unit
 
+SUBCOMMANDS = {
+    "rspec": "write the GENI v3 request RSpec (upload it to CloudLab)",
+    "hosts": "make cluster.json from the manifest RSpec the portal gives back",
+    "deploy": "copy the project to every node over SSH, install each role, start it",
+    "status": "check every node's role",
+    "stop": "stop every node's role",
+    "emulate": "run the RSpec's topology on this machine, in network namespaces (root)",
+    "unit": "print the systemd unit of a role (install_script.sh --systemd uses it)",
+}
+
 
 def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "emulate":
@@ -25,21 +35,23 @@ def main(argv: Sequence[str]) -> int:
         return deploy.main(argv[0], argv[1:])
     parser = config.make_parser(
         "imgclass testbed",
-        "Testbed tools: 'rspec' writes the request RSpec, 'hosts' makes cluster.json from a manifest, "
-        "'emulate' runs the RSpec's topology in network namespaces on this machine.",
+        "Testbed tools, in the order a testbed user needs them. Run 'imgclass testbed COMMAND --help' for one.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    rspec = sub.add_parser("rspec", help="write the GENI v3 request RSpec")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # emulate, deploy, status and stop have parsers of their own (dispatched above): here only for --help
+    parsers = {name: sub.add_parser(name, help=summary) for name, summary in SUBCOMMANDS.items()}
+    rspec = parsers["rspec"]
     rspec.add_argument(
-        "--servers", type=int, default=DEFAULT_SERVERS, help=f"model servers [default {DEFAULT_SERVERS}]"
-    )
+        "--servers", type=config.positive_int_arg, default=DEFAULT_SERVERS,
+        help=f"model servers, 1 to 250 [default {DEFAULT_SERVERS}]",
+    )  # fmt: skip
     rspec.add_argument("--hardware", choices=("vm", "rawpc"), default="vm", help="XenVM or raw PC [default vm]")
     rspec.add_argument("--image", default=DEFAULT_IMAGE, help="disk image URN [default Ubuntu 22.04]")
     rspec.add_argument("-o", "--output", help="file to write [default stdout]")
-    unit = sub.add_parser("unit", help="print the systemd unit for a role (install_script.sh --systemd uses it)")
+    unit = parsers["unit"]
     unit.add_argument("--role", choices=("server", "balancer"), required=True)
     unit.add_argument("--dir", required=True, help="the project folder on the node")
-    hosts = sub.add_parser("hosts", help="cluster.json from a manifest RSpec")
+    hosts = parsers["hosts"]
     hosts.add_argument("manifest", help="the manifest XML saved from the portal")
     hosts.add_argument("-o", "--output", default="cluster.json", help="[default cluster.json]")
     args = parser.parse_args(argv)
@@ -53,6 +65,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"--servers {args.servers}: {exc}.") from exc
         if args.output:
             Path(args.output).write_text(text)
+            print(f"wrote {args.output}: a request RSpec for {args.servers} server(s), a balancer and a client")
         else:
             print(text, end="")
     else:

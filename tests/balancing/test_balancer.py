@@ -101,8 +101,9 @@ def test_number_backend_servers_restricts_choice(three, small_jpeg: bytes) -> No
     assert {doc["backend"] for _, _, doc in by_query} == set(backends[:2])
     by_form = burst(url + "/submit", small_jpeg, 30, 6, number_backend_servers="1")
     assert {doc["backend"] for _, _, doc in by_form} == {backends[0]}
-    status, _, doc = post_image(url + "/submit?number_backend_servers=0", small_jpeg)
-    assert status == 400 and doc["error"] == "bad_parameter"
+    for bad in ("0", "4", "x"):  # three backends
+        status, _, doc = post_image(url + f"/submit?number_backend_servers={bad}", small_jpeg)
+        assert status == 400 and doc["error"] == "bad_parameter" and "from 1 to 3" in doc["message"]
 
 
 def test_round_robin_cycles(three, small_jpeg: bytes) -> None:

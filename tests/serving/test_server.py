@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,23 @@ def test_raw_image_body(litert_server: str, images_dir: Path) -> None:
         "POST", litert_server + "/predict", (images_dir / "parrot.jpg").read_bytes(), {"Content-Type": "image/jpeg"}
     )
     assert status == 200 and json.loads(raw)["predictions"][0]["index"] == 88
+    # with no Content-Type at all (http.client sends none), the bytes speak for themselves
+    host, port = litert_server.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/predict", (images_dir / "parrot.jpg").read_bytes())
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["predictions"][0]["index"] == 88
+    finally:
+        conn.close()
+
+
+def test_unsupported_content_type_lists_every_accepted_form(litert_server: str) -> None:
+    status, _, raw = http("POST", litert_server + "/predict", b"a=1", {"Content-Type": "text/plain"})
+    doc = json.loads(raw)
+    assert (status, doc["error"]) == (415, "unsupported_content_type")
+    for form in ("multipart/form-data", "'image'", "application/json", "image/*", "application/octet-stream"):
+        assert form in doc["message"]
 
 
 def test_health_ready_metrics(litert_server: str) -> None:
@@ -102,7 +120,8 @@ ERROR_CASES: list[tuple[str, Callable[[Path], tuple[bytes, str]], int, str]] = [
     ("svg", lambda d: multipart({"image": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg")}), 415, "unsupported_format"),
     ("heic", lambda d: multipart({"image": ("x.heic", b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64, "image/heic")}), 415, "unsupported_format"),
     ("pixel bomb", lambda d: multipart({"image": ("b.png", _bomb_png(10000, 10000), "image/png")}), 422, "too_many_pixels"),
-    ("unknown content type", lambda d: (b"image=1", "application/x-www-form-urlencoded"), 400, "missing_field"),
+    ("unknown content type", lambda d: (b"image=1", "application/x-www-form-urlencoded"), 415, "unsupported_content_type"),
+    ("jpeg cut in its header", lambda d: (_jpeg(d)[:300], "image/jpeg"), 400, "truncated_image"),
 ]  # fmt: skip
 
 
