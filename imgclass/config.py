@@ -76,6 +76,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def percent(value: str) -> int:
+    what = "give a whole number of percent from 0 to 100"
+    number = _whole(value, what)
+    if not 0 <= number <= 100:
+        raise ValueError(what)
+    return number
+
+
 def integer(text: str) -> int:
     return _whole(text, "give a whole number such as 1")
 
@@ -302,6 +310,15 @@ OPTIONS: dict[str, Option] = {
         Option("fall", positive_int, 3, "failed checks in a row that mark a backend down", (BALANCE,)),
         Option("rise", positive_int, 2, "passed checks in a row that mark it up again", (BALANCE,)),
         Option("eject_seconds", positive_float, 5.0, "how long a backend is ejected after an error", (BALANCE,)),
+        Option("max_ejection_percent", percent, 50,
+               "most of the backends ejected at once, in percent (one always stays in service)", (BALANCE,)),
+        Option("panic_threshold", percent, 50,
+               "below this percent of healthy backends not ejected, ejections are disregarded", (BALANCE,)),
+        Option("retry_budget", percent, 20,
+               "retries of shed (503) or timed-out tries in flight, in percent of requests in flight (min 3)",
+               (BALANCE,)),
+        Option("try_timeout", non_negative_float, 0.0,
+               "seconds one try may take before it is retried on another backend (0 = off)", (BALANCE,)),
         Option("timeout", positive_float, 30.0, "read timeout to a backend, in seconds (504 after)", (BALANCE,)),
         Option("connect_timeout", positive_float, 1.0, "connect timeout to a backend, in seconds", (BALANCE,)),
         Option("max_conn", non_negative_int, 0,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 
@@ -30,11 +32,16 @@ def new_request_id() -> str:
     return f"{_ids.getrandbits(64):016x}"
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9._:/@+,()\[\]-]+")
+
+
 def _value(value: object) -> str:
+    """A value as one field: plain tokens as they are, anything else quoted with JSON's escapes, so
+    no input (a request id, a URL, a message) can end the field, start another, or break the line."""
     text = str(value)
-    if not text or any(c in text for c in ' "='):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
+    if _PLAIN.fullmatch(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 class EventLogger:
@@ -50,7 +57,7 @@ class EventLogger:
             return
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        parts = [stamp, _value(self.server), self.script, action, f"request_id={request_id.get()}"]
+        parts = [stamp, _value(self.server), self.script, action, f"request_id={_value(request_id.get())}"]
         parts += [f"{k}={_value(v)}" for k, v in fields.items()]
         self._logger.log(level, " ".join(parts))
 

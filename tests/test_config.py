@@ -18,6 +18,7 @@ INVALID = {
     "positive_float": "0",
     "non_negative_float": "-2",
     "integer": "1.5",
+    "percent": "120",
     "text": "   ",
     "choice": "nope",
     "url_list": "10.0.0.1:5000",

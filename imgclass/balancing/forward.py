@@ -12,7 +12,7 @@ import aiohttp
 from yarl import URL
 
 from .. import log
-from ..errors import BadParameter, UpstreamError, UpstreamTimeout
+from ..errors import BadParameter, NoBackendAvailable, UpstreamError, UpstreamTimeout
 from ..web.app import Request, Response
 from ..web.forms import form_fields
 from .policies import POLICIES
@@ -127,79 +127,95 @@ class Forward:
 
     async def run(self) -> Response:
         balancer = self.balancer
+        balancer.active += 1
         try:
             backend = balancer.take_now(self.policy, self.first_k)
             if backend is None:
                 backend, self.queued_ms = await balancer.acquire(self.policy, self.first_k)
-            self.backend = backend
-            assert balancer.session is not None
-            sent = time.perf_counter()
-            try:
-                status, headers, body = await post(
-                    balancer.session, _url(backend.url, self.path), self.request.body, self.headers
-                )
-            except (UpstreamFailure, ReadTimeout) as exc:
-                return await self._recover(backend, exc)
-            finally:
-                balancer.slots.release(backend)
-            return self._finish(backend, status, headers, body, (time.perf_counter() - sent) * 1000)
+            return await self._try(backend, first=True)
         except asyncio.CancelledError:
             # The client left (or the server is stopping): the queue place or the slot is already
-            # given back by acquire() and _send(); the model server sees its connection close.
+            # given back by acquire() and _try(); the model server sees its connection close.
             balancer.client_gone.labels("forwarding" if self.backend is not None else "queued").inc()
             raise
+        finally:
+            balancer.active -= 1
 
-    async def _send(self, backend: BackendState) -> tuple[int, list[tuple[bytes, bytes]], bytes, float]:
+    async def _try(self, backend: BackendState, first: bool) -> Response:
+        """One try on `backend`, holding its slot; the first may be retried once on another backend."""
         balancer = self.balancer
         assert balancer.session is not None
-        start = time.perf_counter()
+        self.backend = backend
+        sent = time.perf_counter()
         try:
-            status, headers, body = await post(
-                balancer.session, _url(backend.url, self.path), self.request.body, self.headers
-            )
+            send = post(balancer.session, _url(backend.url, self.path), self.request.body, self.headers)
+            try_timeout = balancer.settings.try_timeout
+            status, headers, body = await (asyncio.wait_for(send, try_timeout) if try_timeout else send)
+        except UpstreamFailure as exc:
+            # Nothing came back, so the backend cannot have answered; classification is idempotent,
+            # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
+            self._failed(backend, exc.reason, connection=True, count_as="error")
+            if not first:
+                raise UpstreamError(f"Two model servers failed to answer ({exc.reason}); retry shortly.") from None
+            return await self._retry(backend, "no_response", exc.reason)
+        except ReadTimeout:
+            self._failed(backend, "timeout", connection=False, count_as="timeout")
+            raise UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.") from None
+        except (TimeoutError, asyncio.TimeoutError):  # --try-timeout: this try took too long
+            self._failed(backend, "try_timeout", connection=False, count_as="timeout")
+            if first and balancer.may_retry("try_timeout"):
+                return await self._retry(backend, "try_timeout", f"no answer within {balancer.settings.try_timeout:g} s")
+            raise UpstreamTimeout(
+                f"The model server did not answer within the {balancer.settings.try_timeout:g} s try timeout."
+            ) from None
         finally:
             balancer.slots.release(backend)
-        return status, headers, body, (time.perf_counter() - start) * 1000
-
-    async def _recover(self, backend: BackendState, exc: Exception) -> Response:
-        """After no answer from `backend`: a timeout is final; no response at all is retried once elsewhere."""
-        balancer = self.balancer
-        if not isinstance(exc, UpstreamFailure):
-            raise self._timed_out(backend)
-        # Nothing came back, so the backend cannot have answered; classification is idempotent,
-        # so one retry elsewhere is safe (HAProxy's retry-on conn-failure empty-response).
-        self._connection_failed(backend, exc.reason)
-        balancer.retries.inc()
-        failed = backend
-        backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)
-        self.backend = backend
-        self.queued_ms += waited
-        balancer.logger.warning("retry", failed=failed.url, reason=exc.reason, to=backend.url)
-        try:
-            status, headers, body, upstream_ms = await self._send(backend)
-        except UpstreamFailure as exc2:
-            self._connection_failed(backend, exc2.reason)
-            raise UpstreamError(f"Two model servers failed to answer ({exc2.reason}); retry shortly.") from None
-        except ReadTimeout:
-            raise self._timed_out(backend) from None
+        upstream_ms = (time.perf_counter() - sent) * 1000
+        if status == 503 and first:
+            # The server shed the request without processing it: back-pressure, not a failure. It is
+            # retried once on a server with a slot free now, within the retry budget; otherwise the
+            # client gets the 503 and its Retry-After.
+            try:
+                other = balancer.slots.take_now(balancer.policies[self.policy], self.first_k, exclude=backend)
+            except NoBackendAvailable:
+                other = None
+            if other is not None:
+                if balancer.may_retry("overloaded"):
+                    balancer.count(backend.url, status)
+                    return await self._retry(backend, "overloaded", "503 from the server", other)
+                balancer.slots.release(other)
         return self._finish(backend, status, headers, body, upstream_ms)
 
-    def _connection_failed(self, backend: BackendState, reason: str) -> None:
-        self.balancer.pool.record_failure(backend, reason, connection=True)
-        self.balancer.count(backend.url, "error")
-
-    def _timed_out(self, backend: BackendState) -> UpstreamTimeout:
+    async def _retry(
+        self, failed: BackendState, reason: str, detail: str, backend: BackendState | None = None
+    ) -> Response:
         balancer = self.balancer
-        balancer.pool.record_failure(backend, "timeout", connection=False)
-        balancer.count(backend.url, "timeout")
-        return UpstreamTimeout(f"The model server did not answer within {balancer.settings.timeout:g} s.")
+        balancer.retries.inc(reason)
+        budgeted = reason != "no_response"  # a dead server adds no load: its retries are not budgeted
+        if budgeted:
+            balancer.retrying += 1
+        try:
+            if backend is None:
+                backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)
+                self.queued_ms += waited
+            balancer.logger.warning("retry", failed=failed.url, reason=reason, detail=detail, to=backend.url)
+            return await self._try(backend, first=False)
+        finally:
+            if budgeted:
+                balancer.retrying -= 1
+
+    def _failed(self, backend: BackendState, reason: str, *, connection: bool, count_as: str) -> None:
+        self.balancer.pool.record_failure(backend, reason, connection=connection)
+        self.balancer.count(backend.url, count_as)
 
     def _finish(
         self, backend: BackendState, status: int, headers: list[tuple[bytes, bytes]], body: bytes, upstream_ms: float
     ) -> Response:
         balancer = self.balancer
         balancer.count(backend.url, status)
-        if status >= 500:
+        if status == 503:
+            pass  # shedding (overloaded, not ready): back-pressure, never a failure (nginx, HAProxy)
+        elif status >= 500:
             balancer.pool.record_failure(backend, f"http_{status}", connection=False)
         else:
             balancer.pool.record_success(backend, upstream_ms)

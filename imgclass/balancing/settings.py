@@ -30,6 +30,10 @@ class BalancerSettings:
     fall: int
     rise: int
     eject_seconds: float
+    max_ejection_percent: int
+    panic_threshold: int
+    retry_budget: int
+    try_timeout: float
     timeout: float
     connect_timeout: float
     max_conn: int

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import log
 from ..errors import NoBackendAvailable, QueueFull, QueueTimeout
-from ..web.metrics import Buckets, Counts
+from ..web.metrics import Buckets, CountedBy, Counts
 from .policies import make_policies
 from .pool import BackendState, HealthSettings, Pool
 from .settings import BalancerSettings
@@ -31,6 +31,8 @@ class Balancer:
                 rise=settings.rise,
                 eject_seconds=settings.eject_seconds,
                 check_timeout=min(2.0, max(0.2, settings.health_interval)),
+                max_ejection_percent=settings.max_ejection_percent,
+                panic_threshold=settings.panic_threshold,
             ),
             logger,
         )
@@ -53,9 +55,30 @@ class Balancer:
             "imgclass_balancer_request_seconds", "POST /submit latency as the client sees it",
             (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30), self.registry,
         )  # fmt: skip
-        self.retries = Counter(
-            "imgclass_balancer_retries", "Requests retried on another backend", registry=self.registry
+        self.retries = Counts(
+            "imgclass_balancer_retries", "Requests retried on another backend, by why: no_response (connection "
+            "refused, reset or closed), overloaded (a 503 from a shedding server), try_timeout", ["reason"],
+            self.registry,
+        )  # fmt: skip
+        self.retries_refused = Counts(
+            "imgclass_balancer_retries_refused", "Retries not made because the retry budget was spent", ["reason"],
+            self.registry,
+        )  # fmt: skip
+        # In flight, and of those, retries of shed or timed-out tries: the retry budget (Envoy's)
+        # lets the second be at most retry_budget percent of the first, so retries never multiply
+        # an overload.
+        self.active = 0
+        self.retrying = 0
+        Gauge("imgclass_balancer_in_flight", "Requests being handled", registry=self.registry).set_function(
+            lambda: self.active
         )
+        CountedBy("imgclass_balancer_ejections", "Backends ejected for failing (one per failure event)",
+                  lambda: self.pool.ejections_total, self.registry)  # fmt: skip
+        CountedBy("imgclass_balancer_panics", "Requests routed in panic: too few backends were not ejected",
+                  lambda: self.pool.panics_total, self.registry)  # fmt: skip
+        Gauge(
+            "imgclass_balancer_backends_in_service", "Backends healthy and not ejected", registry=self.registry
+        ).set_function(self.pool.in_service)
         self.no_backend = Counter(
             "imgclass_balancer_no_backend", "Requests refused: no healthy backend", registry=self.registry
         )
@@ -87,6 +110,14 @@ class Balancer:
         await self.pool.stop()
         if self.session is not None:
             await self.session.close()
+
+    def may_retry(self, reason: str) -> bool:
+        """Whether one more budgeted retry fits: at most retry_budget percent of the requests in
+        flight are retries, and at least 3 may always be (Envoy's min_retry_concurrency)."""
+        if self.retrying < max(3.0, self.settings.retry_budget * self.active / 100):
+            return True
+        self.retries_refused.inc(reason)
+        return False
 
     def count(self, url: str, status: int | str) -> None:
         self.requests.inc(url, status)

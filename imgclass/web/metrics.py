@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -75,3 +75,16 @@ class Buckets(Collector):
             cumulative += count
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
+class CountedBy(Collector):
+    """A counter whose value another object keeps (an int attribute), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
