@@ -194,6 +194,7 @@ class Forward:
         budgeted = reason != "no_response"  # a dead server adds no load: its retries are not budgeted
         if budgeted:
             balancer.retrying += 1
+            balancer.retrying_peak = max(balancer.retrying_peak, balancer.retrying)
         try:
             if backend is None:
                 backend, waited = await balancer.acquire(self.policy, self.first_k, exclude=failed)

@@ -69,9 +69,14 @@ class Balancer:
         # an overload.
         self.active = 0
         self.retrying = 0
+        self.retrying_peak = 0
         Gauge("imgclass_balancer_in_flight", "Requests being handled", registry=self.registry).set_function(
             lambda: self.active
         )
+        Gauge(
+            "imgclass_balancer_retries_in_flight_peak", "The most budgeted retries ever in flight at once",
+            registry=self.registry,
+        ).set_function(lambda: self.retrying_peak)
         CountedBy("imgclass_balancer_ejections", "Backends ejected for failing (one per failure event)",
                   lambda: self.pool.ejections_total, self.registry)  # fmt: skip
         CountedBy("imgclass_balancer_panics", "Requests routed in panic: too few backends were not ejected",
