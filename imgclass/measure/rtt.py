@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{a['size_px']:>5} px  top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  "
                       f"agrees with full resolution {a['agreement']:.2f}  ({a['photos']} photos)")  # fmt: skip
     write_json(out / "rtt.json", {"started": started, "argv": sys.argv[1:], "rtt": rows, "accuracy": acc_summary})
-    accuracy_csv = out / "accuracy.csv" if acc_summary else None
-    for path in plots.rtt_plots(out / "rtt.csv", accuracy_csv, out):
+    for path in plots.rtt_figures(out):
         print(f"wrote {path}")
     return 0

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stress: {args.stress} requests at once -> {stress_result}", flush=True)
             write_json(out / "stress.json", stress_result)
     write_json(out / "scaling.json", {"started": started, "argv": sys.argv[1:], "rows": rows, "stress": stress_result})
-    for path in plots.scaling_plots(out / "scaling.csv", out):
+    for path in plots.scaling_figures(out):
         print(f"wrote {path}")
     checked = [r for r in rows if r["theory_error"] is not None and (r["utilisation"] or 0) <= THEORY_MAX_RHO + 1e-9]
     if checked:
