@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import re
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,16 +15,35 @@ from PIL import Image
 
 from ..process import terminate_as_interrupt
 from . import loadgen, plots
-from .experiment import add_target_arguments, default_images_dir, jpeg_of, multipart, target_service, write_json
+from .experiment import (
+    PLOTS_S,
+    RUN_OVERHEAD_S,
+    add_target_arguments,
+    announce,
+    cluster_start_s,
+    default_images_dir,
+    duration_text,
+    finished,
+    jpeg_of,
+    multipart,
+    out_dir,
+    progress,
+    run_info,
+    target_service,
+    write_json,
+)
 from .stats import write_rows_csv
 
+PROG = "test_rtt.py"
 DEFAULT_SIZES = "16,32,64,96,128,224,2000"
 JPEG_QUALITY = 90
+# One accuracy request: resize, PNG encoding and a classification (litert, development machine).
+ACCURACY_REQUEST_S = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="test_rtt.py",
+        prog=PROG,
         description="RTT against the size of the image sent, and top-1/top-5 accuracy against resolution.",
     )
     add_target_arguments(p)
@@ -100,18 +117,41 @@ def accuracy(url: str, images_dir: Path, labels: dict[str, int], sizes: list[int
     return summary, detail
 
 
+def size_seconds(args: argparse.Namespace) -> float:
+    """One size's run: its warm-up and measured requests at --rate, and the tail after them."""
+    return (args.warmup_requests + args.requests) / args.rate + RUN_OVERHEAD_S
+
+
+def accuracy_seconds(sizes: int, photos: int) -> float:
+    """Each photo at full resolution and at each size."""
+    return photos * (sizes + 1) * ACCURACY_REQUEST_S
+
+
+def expected_seconds(args: argparse.Namespace, sizes: int, photos: int) -> float:
+    """How long test_rtt.py should take: cluster start-up, each size's run, the accuracy requests, the plots."""
+    start = cluster_start_s(args.local) if args.local else 0.0
+    return start + sizes * size_seconds(args) + accuracy_seconds(sizes, photos) + PLOTS_S
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminate_as_interrupt()
     sizes = [int(s) for s in args.sizes.split(",")]
     images_dir = Path(args.images_dir) if args.images_dir else default_images_dir()
     source = Path(args.image) if args.image else images_dir / "cat_720p.jpg"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the labels first: a missing table fails now, not after the RTT runs
+    labels = {} if args.no_accuracy else read_labels(images_dir, args.labels)
+    out = out_dir(args, PROG)
+    accuracy_plan = f", then {len(labels)} photos x {len(sizes) + 1} resolutions" if labels else ""
+    announce(PROG, out, expected_seconds(args, len(sizes), len(labels)),
+             f"{len(sizes)} sizes x {args.warmup_requests + args.requests} requests at {args.rate:g}/s{accuracy_plan}")  # fmt: skip
     rows: list[dict[str, Any]] = []
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    info = run_info(PROG, argv, args, image=str(source))
+    steps = len(sizes) + (1 if labels else 0)
     with target_service(args, bool(args.local), servers=max(1, args.local), backend=args.backend) as base:
-        for size in sizes:
+        for k, size in enumerate(sizes, 1):
+            left = (len(sizes) - k + 1) * size_seconds(args) + accuracy_seconds(len(sizes), len(labels)) + PLOTS_S
+            progress(k, steps, f"{size} px, {duration_text(size_seconds(args))}", left)
             data = jpeg_of(source, size, JPEG_QUALITY)
             body, ctype = multipart(data)
             warmup = args.warmup_requests / args.rate
@@ -120,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = loadgen.LoadSpec(rate=args.rate, duration=duration, warmup=warmup,
                                     max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
             _, summary = loadgen.run(loadgen.Target(f"{base}/submit", body, ctype), spec, not args.quiet, f"{size}px")
+            out.mkdir(parents=True, exist_ok=True)  # on demand: a run that never got this far leaves no folder
             row = {"size_px": size, "image_bytes": len(data), "request_bytes": len(body), **summary.flat()}
             rows.append(row)
             lat = summary.latency
@@ -127,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"  p50 {lat.p50:8.2f}  p99 {lat.p99:8.2f}  errors {sum(summary.errors.values())}", flush=True)  # fmt: skip
             write_rows_csv(out / "rtt.csv", rows)
         acc_summary: list[dict[str, Any]] = []
-        if not args.no_accuracy:
-            labels = read_labels(images_dir, args.labels)
+        if labels:
+            left = accuracy_seconds(len(sizes), len(labels)) + PLOTS_S
+            progress(steps, steps, f"accuracy, {len(labels)} photos at {len(sizes) + 1} resolutions", left)
             acc_summary, detail = accuracy(base, images_dir, labels, sizes)
             write_rows_csv(out / "accuracy.csv", acc_summary)
             write_rows_csv(out / "accuracy_detail.csv", detail)
             for a in acc_summary:
                 print(f"{a['size_px']:>5} px  top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  "
                       f"agrees with full resolution {a['agreement']:.2f}  ({a['photos']} photos)")  # fmt: skip
-    write_json(out / "rtt.json", {"started": started, "argv": sys.argv[1:], "rtt": rows, "accuracy": acc_summary})
+    write_json(out / "rtt.json", {**info, "rtt": rows, "accuracy": acc_summary})
     for path in plots.rtt_figures(out):
         print(f"wrote {path}")
+    finished(out)
     return 0

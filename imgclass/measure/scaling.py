@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +19,36 @@ from ..process import terminate_as_interrupt
 from . import loadgen, plots
 from .clients import LeanClient
 from .experiment import (
+    PLOTS_S,
+    RUN_OVERHEAD_S,
     add_target_arguments,
+    announce,
+    cluster_start_s,
     default_images_dir,
+    duration_text,
+    finished,
     jpeg_of,
     local_cluster,
     multipart,
+    out_dir,
+    progress,
+    run_info,
     target_service,
     write_json,
 )
 from .queueing import simulate_jsq_mean_response, theory_mean_response
 from .stats import LatencySummary, RunSummary, write_rows_csv
 
+PROG = "test_scaling.py"
 # Utilisations at which the theory overlay is held to 10% (the target holds for rho <= 0.8).
 THEORY_MAX_RHO = 0.8
+STRESS_S = 5.0  # --stress: the burst and its answers
+EXTRA_BALANCER_S = 0.5  # a second balancer over the same servers (--max-conn per policy)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="test_scaling.py",
+        prog=PROG,
         description="Open-loop Poisson load against the balancer for each (servers n, offered rate, policy).",
     )
     add_target_arguments(p)
@@ -78,6 +91,36 @@ def _rates(args: argparse.Namespace, n: int, mean_service: float | None) -> list
         loads = [float(x) for x in (args.loads or "0.2,0.4,0.6,0.8").split(",")]
         return [(rho * n / mean_service, rho) for rho in loads]
     return [(rate, rate * mean_service / n if mean_service else None) for rate in values]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the experiment: n servers, a policy, an offered rate, for `duration` seconds."""
+
+    n: int
+    policy: str
+    rate: float
+    rho: float | None
+    duration: float  # warm-up included
+
+
+def plan(
+    args: argparse.Namespace, servers: Sequence[int], policies: Sequence[str], mean_service: float | None
+) -> list[Run]:
+    """Every run, in the order they are made: n, then policy, then load."""
+    return [
+        Run(n, policy, rate, rho, max(args.duration, args.warmup + args.min_per_server * n / rate))
+        for n in servers
+        for policy in policies
+        for rate, rho in _rates(args, n, mean_service)
+    ]
+
+
+def expected_seconds(runs: Sequence[Run], args: argparse.Namespace, balancers: int = 1, start: bool = True) -> float:
+    """How long the experiment should take: cluster start-up (unless `start` is False), the runs, --stress, plots."""
+    startup = cluster_start_s(max(r.n for r in runs)) + EXTRA_BALANCER_S * (balancers - 1)
+    return ((startup if args.local and start else 0.0) + sum(r.duration + RUN_OVERHEAD_S for r in runs)
+            + (STRESS_S if args.stress else 0.0) + PLOTS_S)  # fmt: skip
 
 
 def overlay_columns(
@@ -195,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.local and args.backend == "sleep":
         mean_service = parse_service_time(args.service_time).mean
     exponential = args.local and args.backend == "sleep" and args.service_time.startswith("exp:")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(args, servers, policies, mean_service)  # before anything starts: bad --loads fail here
+    if not runs:
+        raise SystemExit("nothing to run: --servers and --policies name no run")
+    out = out_dir(args, PROG)
+    balancers = len(set(max_conn.values())) if args.local else 1
+    announce(PROG, out, expected_seconds(runs, args, balancers),
+             f"{len(runs)} runs of {duration_text(min(r.duration for r in runs))}"
+             + (f" to {duration_text(max(r.duration for r in runs))}" if len({r.duration for r in runs}) > 1 else "")
+             + (f", after starting {max(servers)} local servers" if args.local else ""))  # fmt: skip
     source = Path(args.image) if args.image else default_images_dir() / "cat_720p.jpg"
     body, ctype = multipart(jpeg_of(source, args.image_size))
 
     rows: list[dict[str, Any]] = []
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    info = run_info(PROG, argv, args, image=str(source))
     with ExitStack() as stack:
         urls: dict[int, str] = {}  # balancer base URL by --max-conn
         if args.local:
@@ -214,45 +264,44 @@ def main(argv: list[str] | None = None) -> int:
                 urls[k] = cluster.another_balancer(k)
         else:
             urls = dict.fromkeys(max_conn.values(), stack.enter_context(target_service(args, False)))
-        for n in servers:
-            for policy in policies:
-                for rate, rho in _rates(args, n, mean_service):
-                    url = f"{urls[max_conn[policy]]}/submit?number_backend_servers={n}&policy={policy}"
-                    duration = max(args.duration, args.warmup + args.min_per_server * n / rate)
-                    spec = loadgen.LoadSpec(rate=rate, duration=duration, warmup=args.warmup,
-                                            max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
-                    label = f"n={n} {policy} {rate:.1f}/s"
-                    records, summary = loadgen.run(
-                        loadgen.Target(url, body, ctype), spec, not args.quiet, label, station=True
-                    )
-                    # With one slot per server the balancer's queue is the M/M/c queue; its
-                    # slots are held for the service plus the dispatch round trip, as measured.
-                    central = args.local and max_conn[policy] == 1 and math.isfinite(summary.upstream_mean_ms)
-                    overlay = overlay_columns(policy, n, rate, mean_service, exponential, summary, central, args.seed)
-                    row: dict[str, Any] = {
-                        "servers": n,
-                        "policy": policy,
-                        "mean_interval_s": round(1 / rate, 6),
-                        "utilisation": round(rho, 4) if rho is not None else None,
-                        **summary.flat(),
-                        **overlay,
-                        "max_conn": max_conn[policy] if args.local else None,
-                        "backends_used": len(summary.backends),
-                    }
-                    rows.append(row)
-                    if args.raw:
-                        records.save_csv(out / f"scaling_raw_n{n}_{policy}_{rate:.2f}.csv")
-                    theory = (
-                        f" theory {row['theory_mean_ms']:.1f} ms (error {row['theory_error']:+.1%}; at nominal load "
-                        f"{row['theory_nominal_ms']:.1f} ms, {row['nominal_error']:+.1%})"
-                        if row["theory_mean_ms"] and row["theory_nominal_ms"]
-                        else ""
-                    )
-                    print(f"n={n:<3} {policy:<17} offered {rate:8.2f}/s achieved {summary.achieved_rate:8.2f}/s "
-                          f"mean {summary.latency.mean:8.2f} p50 {summary.latency.p50:8.2f} p99 {summary.latency.p99:8.2f} ms "
-                          f"errors {sum(summary.errors.values())} dropped {summary.dropped}{theory}", flush=True)  # fmt: skip
-                    write_rows_csv(out / "scaling.csv", rows)  # after every run: a long run keeps its partial results
-                    time.sleep(0.5)  # let the queues drain between runs
+        for k, run in enumerate(runs, 1):
+            n, policy, rate, rho = run.n, run.policy, run.rate, run.rho
+            label = f"n={n} {policy} {rate:.1f}/s"
+            progress(k, len(runs), f"{label}, {duration_text(run.duration)}",
+                     expected_seconds(runs[k - 1 :], args, start=False))  # fmt: skip
+            url = f"{urls[max_conn[policy]]}/submit?number_backend_servers={n}&policy={policy}"
+            spec = loadgen.LoadSpec(rate=rate, duration=run.duration, warmup=args.warmup,
+                                    max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
+            records, summary = loadgen.run(loadgen.Target(url, body, ctype), spec, not args.quiet, label, station=True)
+            out.mkdir(parents=True, exist_ok=True)  # on demand: a run that never got this far leaves no folder
+            # With one slot per server the balancer's queue is the M/M/c queue; its
+            # slots are held for the service plus the dispatch round trip, as measured.
+            central = args.local and max_conn[policy] == 1 and math.isfinite(summary.upstream_mean_ms)
+            overlay = overlay_columns(policy, n, rate, mean_service, exponential, summary, central, args.seed)
+            row: dict[str, Any] = {
+                "servers": n,
+                "policy": policy,
+                "mean_interval_s": round(1 / rate, 6),
+                "utilisation": round(rho, 4) if rho is not None else None,
+                **summary.flat(),
+                **overlay,
+                "max_conn": max_conn[policy] if args.local else None,
+                "backends_used": len(summary.backends),
+            }
+            rows.append(row)
+            if args.raw:
+                records.save_csv(out / f"scaling_raw_n{n}_{policy}_{rate:.2f}.csv")
+            theory = (
+                f" theory {row['theory_mean_ms']:.1f} ms (error {row['theory_error']:+.1%}; at nominal load "
+                f"{row['theory_nominal_ms']:.1f} ms, {row['nominal_error']:+.1%})"
+                if row["theory_mean_ms"] and row["theory_nominal_ms"]
+                else ""
+            )
+            print(f"n={n:<3} {policy:<17} offered {rate:8.2f}/s achieved {summary.achieved_rate:8.2f}/s "
+                  f"mean {summary.latency.mean:8.2f} p50 {summary.latency.p50:8.2f} p99 {summary.latency.p99:8.2f} ms "
+                  f"errors {sum(summary.errors.values())} dropped {summary.dropped}{theory}", flush=True)  # fmt: skip
+            write_rows_csv(out / "scaling.csv", rows)  # after every run: a long run keeps its partial results
+            time.sleep(0.5)  # let the queues drain between runs
         stress_result = None
         if args.stress:
             stress_result = stress(
@@ -260,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"stress: {args.stress} requests at once -> {stress_result}", flush=True)
             write_json(out / "stress.json", stress_result)
-    write_json(out / "scaling.json", {"started": started, "argv": sys.argv[1:], "rows": rows, "stress": stress_result})
+    write_json(out / "scaling.json", {**info, "rows": rows, "stress": stress_result})
     for path in plots.scaling_figures(out):
         print(f"wrote {path}")
     checked = [r for r in rows if r["theory_error"] is not None and (r["utilisation"] or 0) <= THEORY_MAX_RHO + 1e-9]
@@ -271,4 +320,5 @@ def main(argv: list[str] | None = None) -> int:
         nominal = max(checked, key=lambda r: abs(r["nominal_error"] or 0))
         print(f"theory at the nominal load: worst |error| {nominal['nominal_error']:+.1%} "
               f"(n={nominal['servers']} {nominal['policy']} rho={nominal['utilisation']})")  # fmt: skip
+    finished(out)
     return 0

@@ -94,6 +94,13 @@ def test_test_scaling_short_mode(tmp_path: Path, model_dir: Path) -> None:
     # no cell of the original table was run, so that comparison is not drawn, and the console says why
     assert not (out / "scaling_vs_original.png").exists()
     assert f"{out}/scaling_vs_original.png not drawn: this run has none of the original table's cells" in proc.stderr
+    # where the files go and how long it takes, before it starts; then each run's place in the whole
+    assert f"# writing to {out}/" in proc.stderr and "# test_scaling.py: 12 runs of 3 s" in proc.stderr
+    assert "# run 1 of 12: n=1 random" in proc.stderr and "# run 12 of 12: n=2 p2c" in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"# all files are in {out}/")
+    saved = json.loads((out / "scaling.json").read_text())
+    assert saved["command"].startswith("python test_scaling.py --local --servers 1,2 ")
+    assert saved["args"]["service_time"] == "exp:10ms" and saved["args"]["out"] == str(out)
     stress = json.loads((out / "stress.json").read_text())
     assert stress["clients"] == 40 and stress["ok"] + sum(stress["errors"].values()) == 40
 
@@ -117,6 +124,8 @@ def test_test_rtt_short_mode(tmp_path: Path, model_dir: Path) -> None:
     assert float(acc[32]["top1"]) < float(acc[224]["top1"])
     for png in ("rtt_vs_size.png", "accuracy_vs_size.png"):
         assert (out / png).stat().st_size > 5000
+    assert "# run 1 of 4: 32 px" in proc.stderr and "# run 4 of 4: accuracy, 8 photos" in proc.stderr
+    assert json.loads((out / "rtt.json").read_text())["args"]["sizes"] == "32,224,2000"
 
 
 def test_cluster_file_names_the_balancer(tmp_path: Path) -> None:
