@@ -153,7 +153,7 @@ def subtitle(params: Sequence[str], info: RunInfo, width_in: float) -> list[str]
     """The lines under a title: the run's parameters, its command line, and its data file."""
     chars = max(40, int(width_in * 72 / (SUBTITLE_PT * 0.56)))
     # no-break spaces inside each parameter: lines break only between parameters
-    lines = textwrap.wrap(" · ".join(p.replace(" ", "\u00a0") for p in params if p), chars, break_on_hyphens=False)
+    lines = textwrap.wrap("\u00a0· ".join(p.replace(" ", "\u00a0") for p in params if p), chars, break_on_hyphens=False)
     # break only between arguments, so every '--flag value' stays readable
     lines += textwrap.wrap(info.command, chars, break_on_hyphens=False, break_long_words=False,
                            subsequent_indent="    ")  # fmt: skip

@@ -78,15 +78,17 @@ def accuracy_vs_size(rows: Sequence[Row], info: ps.RunInfo, out: Path) -> Path:
     fig, (ax,) = ps.figure("Accuracy against resolution", accuracy_parameters(rows, info), info, 8.0, 3.6)
     sizes = _sizes(rows)
     top1 = [ps.number(r, "top1") for r in rows]
+    top5 = [ps.number(r, "top5") for r in rows]
     agreement = [ps.number(r, "agreement") for r in rows]
-    handles = ax.plot(sizes, [ps.number(r, "top5") for r in rows], marker="s", ls="-", color="tab:orange",
-                      label="top-5 vs label")  # fmt: skip
-    handles += ax.plot(sizes, top1, marker="o", ms=5, ls="-", lw=2, color="tab:blue", label="top-1 vs label")
-    # When the two coincide (they do whenever the full-resolution answer is the label), draw the
-    # agreement as hollow, larger markers on a dashed line over top-1, and say so in the legend.
-    same = agreement == top1
-    handles += ax.plot(sizes, agreement, marker="o", ms=10, mfc="none", mew=1.4, ls="--", color="tab:green",
-                       label="top-1 agrees with full resolution" + ("\n(equal to top-1 at every size)" if same else ""))  # fmt: skip
+    # The three often coincide (all at 1.0 from 128 px; agreement equals top-1 whenever the
+    # full-resolution answer is the label): nested markers of three sizes and three line styles,
+    # solid under dashed under dotted, keep each one visible where they meet.
+    handles = ax.plot(sizes, top1, marker="o", ms=5, ls="-", lw=1.5, color="tab:blue", label="top-1 vs label")
+    handles += ax.plot(sizes, agreement, marker="o", ms=9, mfc="none", mew=1.4, ls="--", color="tab:green",
+                       label="top-1 agrees with full resolution"
+                       + ("\n(equal to top-1 at every size)" if agreement == top1 else ""))  # fmt: skip
+    handles += ax.plot(sizes, top5, marker="s", ms=13, mfc="none", mew=1.4, ls=":", lw=2, color="tab:orange",
+                       label="top-5 vs label")  # fmt: skip
     ax.set_xscale("log")
     ps.value_ticks(ax.xaxis, sizes)
     ax.set_ylim(-0.05, 1.05)

@@ -107,7 +107,8 @@ def latency(rows: Sequence[Row], params: list[str], info: ps.RunInfo, out: Path)
     theory_drawn = False
     # --rates and --intervals offer every n the same loads: draw each n slightly apart there, or
     # near-equal latencies (n = 2 and 4 at light load) hide one another
-    shared = len({(r["servers"], r["offered_rate"]) for r in rows}) > len({r["offered_rate"] for r in rows})
+    by_n = {n: {r["offered_rate"] for r in rows if int(r["servers"]) == n} for n in servers}
+    shared = len(servers) > 1 and all(loads == by_n[servers[0]] for loads in by_n.values())
     for ax, policy in zip(axes, policies, strict=False):
         for i, n in enumerate(servers):
             sel = _sel(rows, policy, n)
@@ -176,11 +177,15 @@ def throughput(rows: Sequence[Row], params: list[str], info: ps.RunInfo, out: Pa
     ax.set_yscale("log")
     ps.value_ticks(ax.xaxis, servers)
     ax.set_xlim(servers[0] / 1.4, servers[-1] * 1.4)
+    # the same load at every n (--rates, --intervals) is a flat line: a log axis' own
+    # autoscale would then span two decades around it
+    values = [v for line in handles for v in line.get_ydata() if math.isfinite(v) and v > 0]
+    ax.set_ylim(min(values) / 1.5, max(values) * 1.5)
     ps.plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("servers n (policies drawn slightly apart so none hides another)")
+    ax.set_xlabel("servers n" + (" (policies drawn slightly apart so none hides another)" if len(policies) > 1 else ""))
     ax.set_ylabel(f"completed requests/s\nat the highest load{at}")
     ax.grid(alpha=0.3, which="both")
-    ps.legend_outside(fig, handles, "policy")
+    ps.legend_outside(fig, handles)
     return ps.save(fig, out / "scaling_throughput.png")
 
 
@@ -192,23 +197,35 @@ def policies_compared(rows: Sequence[Row], params: list[str], info: ps.RunInfo, 
         ps.skip(out, "scaling_policies.png", f"one policy ({policies[0]}) at n = {n_max}, nothing to compare")
         return None
     fig, (ax,) = ps.figure(f"Dispatch policies at n = {n_max}", params, info, 8.0, 3.8)
+    rates = sorted({ps.number(r, "offered_rate") for r in rows if int(r["servers"]) == n_max})
+    # One load: the policies side by side, so that one policy's mean never sits on another's p99.
+    # Several: offered load along x as in the latency plot, each policy drawn slightly apart.
+    side_by_side = len(rates) == 1
     handles = []
     for i, policy in enumerate(policies):
         sel, c = _sel(rows, policy, n_max), COLORS[i % len(COLORS)]
-        x = _column(sel, "offered_rate")
+        x = (
+            [float(i)] * len(sel)
+            if side_by_side
+            else [v * _dodge(i, len(policies)) for v in _column(sel, "offered_rate")]
+        )
         if _has(sel, "theory_mean_ms"):
             handles += ax.plot(x, _column(sel, "theory_mean_ms"), label=f"{policy} theory mean", **theory_style(c))
         handles += ax.plot(x, _column(sel, "mean_ms"), color=c, label=f"{policy} mean", ls="-", marker="o", ms=5)
         handles += ax.plot(x, _column(sel, "p99_ms"), color=c, label=f"{policy} p99", **P99)
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    rates = {ps.number(r, "offered_rate") for r in rows if int(r["servers"]) == n_max}
-    if len(rates) <= 6:  # few loads: label exactly those
-        ps.value_ticks(ax.xaxis, rates)
+    if side_by_side:
+        ax.set_xticks(range(len(policies)), policies)
+        ax.set_xlim(-0.6, len(policies) - 0.4)
+        ax.set_xlabel(f"policy, at {rates[0]:g} requests/s offered")
     else:
-        ps.plain_log_ticks(ax.xaxis)
+        ax.set_xscale("log")
+        if len(rates) <= 6:  # few loads: label exactly those
+            ps.value_ticks(ax.xaxis, rates)
+        else:
+            ps.plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("offered load (requests/s), each policy drawn slightly apart")
     ps.plain_log_ticks(ax.yaxis)
-    ax.set_xlabel("offered load (requests/s)")
     ax.set_ylabel("latency (ms)")
     ax.grid(alpha=0.3, which="both")
     ps.legend_outside(fig, handles)
@@ -236,6 +253,7 @@ def versus_original(rows: Sequence[Row], params: list[str], info: ps.RunInfo, ou
             ax.annotate(f"{value:.{digits}f} ms", (bar.get_x() + bar.get_width() / 2, value), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
     ax.set_xticks(list(xs), [f"n = {n}, interval {i} s\n(ours: {p})" for n, i, _, _, p in cells])
+    ax.set_xlim(-0.9, len(cells) - 0.1)  # one cell: bars of the same width as with two
     ax.set_yscale("log")
     ax.set_ylim(min(ours) / 2, max(theirs) * 3)
     ps.plain_log_ticks(ax.yaxis)
