@@ -293,7 +293,11 @@ OPTIONS: dict[str, Option] = {
         Option("max_batch", non_negative_int, 0, "largest dynamic batch (0 = 1 for litert/sleep, 8 for keras)",
                _SERVER),
         Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms", (SERVE,)),
-        Option("max_queue", positive_int, 128, "requests waiting beyond the workers before 503", _SERVER),
+        Option("max_queue", non_negative_int, 0,
+               "images waiting beyond the workers before 503 (0 = 8 per worker; keras 16; sleep 1024)", _SERVER),
+        Option("max_wait_ms", non_negative_float, 50.0,
+               "refuse (503) an image whose expected wait in the queue is longer, in ms (0 = no bound; "
+               "not for the sleep backend)", _SERVER),
         Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB", (SERVE, BALANCE)),
         Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE,)),
         Option("service_time", service_time, "exp:20ms",
@@ -389,14 +393,6 @@ def add_options(
 
 def add_role_options(parser: argparse.ArgumentParser, role: str, skip: Sequence[str] = ()) -> None:
     add_options(parser, [n for n in options_for(role) if n not in skip], role)
-
-
-def positive_int_arg(value: str) -> int:
-    """positive_int for a plain argparse argument: its message becomes argparse's."""
-    try:
-        return positive_int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _server_args(ns: argparse.Namespace, index: int, port: int = 0) -> list[str]:
     args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--name", f"server{index}",
             "--backend", ns.backend, "--model-dir", ns.model_dir, "--service-time", ns.service_time,
-            "--max-queue", str(ns.max_queue), "--log-level", ns.log_level, "--http", ns.http]  # fmt: skip
+            "--max-queue", str(ns.max_queue), "--max-wait-ms", str(ns.max_wait_ms), "--log-level", ns.log_level,
+            "--http", ns.http]  # fmt: skip
     # N servers share the machine's cores: by default each gets one inference thread.
     args += ["--threads", str(ns.threads or 1)]
     if ns.max_batch:

@@ -79,7 +79,9 @@ def spawn(model_dir: Path) -> Iterator[Callable[..., Child]]:
 
 @pytest.fixture(scope="session")
 def litert_server(spawn: Callable[..., Child]) -> str:
-    return spawn("serve", "--port", "0", "--max-upload-mb", "20").url  # type: ignore[return-value]
+    # a queue that does not shed: the tests that use it send bursts to check answers, not shedding
+    return spawn("serve", "--port", "0", "--max-upload-mb", "20", "--max-queue", "128",
+                 "--max-wait-ms", "0").url  # type: ignore[return-value]  # fmt: skip
 
 
 def http(

@@ -51,8 +51,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def local_cluster(**cluster: object) -> Iterator[tuple[LocalCluster, str]]:
-    """A local cluster (`imgclass up` options from the defaults table), started and always stopped."""
-    ns = cluster_options(log_level="WARNING", **cluster)
+    """A local cluster (`imgclass up` options from the defaults table), started and always stopped.
+
+    Its servers queue instead of shedding (no --max-wait-ms, a long --max-queue): an experiment
+    measures the queue, and a 503 for a burst of its own arrivals would be an artefact of the bound.
+    """
+    ns = cluster_options(log_level="WARNING", **{"max_queue": 1024, "max_wait_ms": 0.0, **cluster})
     running = LocalCluster(ns, echo=False)
     print(f"# starting a local cluster: {ns.servers} {ns.backend} server(s)", file=sys.stderr, flush=True)
     url = running.start()

@@ -66,7 +66,8 @@ class ModelServer:
             functools.partial(decode, max_pixels=settings.max_pixels),
             max_batch=max_batch,
             batch_timeout_s=settings.batch_timeout_ms / 1000,
-            max_queue=settings.max_queue,
+            max_queue=settings.max_queue or self.backend.queue_per_worker * self.threads,
+            max_wait_s=settings.max_wait_ms / 1000 if self.backend.bounded_wait else 0.0,
             on_batch=self.batch_sizes.observe,
             on_skip=self.dropped.inc,
         )
@@ -86,6 +87,7 @@ class ModelServer:
             "threads": self.threads,
             "max_batch": self.batcher.max_batch,
             "max_queue": self.batcher.max_queue,
+            "max_wait_ms": self.batcher.max_wait_s * 1000,
         }
 
     def response_body(self, result: Result, total_ms: float) -> dict[str, object]:

@@ -37,6 +37,12 @@ class Backend(ABC):
 
     name: str = ""
     default_max_batch = 1
+    # Waiting images per worker thread when --max-queue is 0. A bounded queue is what keeps the
+    # answers a server accepts fast under overload: what does not fit gets a 503 at once (and the
+    # balancer tries another server). With 128 places, a 2x overload made accepted requests wait
+    # 3.7 s (195 x the unloaded p50, bench/overload.py); --max-wait-ms bounds the wait in time.
+    queue_per_worker = 8
+    bounded_wait = True  # honours --max-wait-ms
     # True when the engine itself uses every core, so one worker thread is right.
     multithreaded_engine = False
 
@@ -110,6 +116,7 @@ class KerasBackend(Backend):
     name = "keras"
     default_max_batch = 8
     multithreaded_engine = True
+    queue_per_worker = 16  # two full batches: batches form from the queue
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
@@ -158,6 +165,10 @@ class SleepBackend(Backend):
     """No model: each image 'takes' a service time drawn from a distribution, using no CPU."""
 
     name = "sleep"
+    # It emulates a FIFO server for queueing experiments (M/M/1, M/M/c), whose queues are unbounded:
+    # at rho = 0.8 more than 4 wait a quarter of the time, and shedding them would change the queue.
+    queue_per_worker = 1024
+    bounded_wait = False
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)

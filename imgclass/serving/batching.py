@@ -92,6 +92,7 @@ class Batcher:
         max_batch: int,
         batch_timeout_s: float,
         max_queue: int,
+        max_wait_s: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
         on_skip: Callable[[], None] | None = None,
     ) -> None:
@@ -100,6 +101,7 @@ class Batcher:
         self.max_batch = max_batch
         self.batch_timeout_s = batch_timeout_s
         self.max_queue = max_queue
+        self.max_wait_s = max_wait_s  # 0: only max_queue bounds the queue
         self._on_batch = on_batch
         self._on_skip = on_skip
         self._queue: asyncio.Queue[Job] | None = None
@@ -136,15 +138,15 @@ class Batcher:
 
     async def submit(self, job: Job) -> Result:
         assert self._queue is not None, "Batcher.start() was not awaited"
+        depth = self._queue.qsize()
+        wait = depth * self._service_s / len(self._engines)  # how long this one would wait, by recent service
+        if depth >= self.max_queue or (self.max_wait_s and wait > self.max_wait_s):
+            # Refuse now rather than queue a wait the client would not want: the balancer tries
+            # another server, and Retry-After says when this one is likely to have room.
+            why = f"{depth} requests queued" if depth >= self.max_queue else f"an expected wait of {wait * 1000:.0f} ms"
+            raise Overloaded(f"The server is at capacity ({why}); retry shortly.", retry_after=wait)
         job.future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            wait = self._service_s * (self.max_queue + len(self._engines)) / max(1, len(self._engines))
-            raise Overloaded(
-                f"The server is at capacity ({self.max_queue} requests queued); retry shortly.",
-                retry_after=wait,
-            ) from None
+        self._queue.put_nowait(job)
         return await job.future
 
     async def _collect(self, first: Job) -> list[Job]:

@@ -25,6 +25,7 @@ class ServerSettings:
     max_batch: int
     batch_timeout_ms: float
     max_queue: int
+    max_wait_ms: float
     max_upload_mb: float
     max_pixels: int
     service_time: str

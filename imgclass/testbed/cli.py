@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,18 @@ from .inventory import cluster_from_manifest
 from .rspec import DEFAULT_IMAGE, DEFAULT_SERVERS, request_rspec
 from .topology import star
 from .unit import systemd_unit
+
+
+def servers_arg(value: str) -> int:
+    what = "give a whole number of servers between 1 and 250 (one 10.10.k.0/24 per link)"
+    try:
+        servers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; {what}") from None
+    if not 1 <= servers <= 250:
+        raise argparse.ArgumentTypeError(what)
+    return servers
+
 
 SUBCOMMANDS = {
     "rspec": "write the GENI v3 request RSpec (upload it to CloudLab)",
@@ -42,7 +55,7 @@ def main(argv: Sequence[str]) -> int:
     parsers = {name: sub.add_parser(name, help=summary) for name, summary in SUBCOMMANDS.items()}
     rspec = parsers["rspec"]
     rspec.add_argument(
-        "--servers", type=config.positive_int_arg, default=DEFAULT_SERVERS,
+        "--servers", type=servers_arg, default=DEFAULT_SERVERS,
         help=f"model servers, 1 to 250 [default {DEFAULT_SERVERS}]",
     )  # fmt: skip
     rspec.add_argument("--hardware", choices=("vm", "rawpc"), default="vm", help="XenVM or raw PC [default vm]")

@@ -25,7 +25,7 @@ if importlib.util.find_spec("tensorflow") is None:
 def keras_server(spawn) -> str:
     return spawn(
         "serve", "--port", "0", "--backend", "keras", "--weights", "random", "--seed", "3",
-        "--max-batch", "8", "--batch-timeout-ms", "20",
+        "--max-batch", "8", "--batch-timeout-ms", "20", "--max-wait-ms", "0",  # bursts here check batching
     ).url  # fmt: skip
 
 
