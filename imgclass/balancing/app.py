@@ -31,6 +31,10 @@ async def submit(balancer: Balancer, request: Request) -> Response:
     return await Forward(balancer, request).run()
 
 
+async def no_icon(request: Request) -> Response:
+    return Response(b"", 204)
+
+
 def create_app(settings: BalancerSettings, name: str | None = None) -> App:
     """The balancer as an app; its pool and HTTP client start with the app."""
     name = name or settings.name or f"{settings.host}:{settings.port}"
@@ -53,6 +57,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
         return Response(page, 200, [(b"content-type", b"text/html; charset=utf-8")])
 
     app.route("GET", "/", index)
+    app.route("GET", "/favicon.ico", no_icon)  # the page has its own inline; other routes' browsers ask
     # A client that leaves frees its place in the queue, or its slot and the upstream call.
     app.route("POST", "/submit", bind(submit), watch=WATCH_AFTER_S)
     # /predict too, so that the model server's curl line works on the balancer
