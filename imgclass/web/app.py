@@ -433,7 +433,9 @@ class App:
             watch.stop()
 
     async def _send(self, send: Send, request: Request, response: Response, close: bool) -> None:
-        headers = [*response.headers, (b"content-length", b"%d" % len(response.body))]
+        headers = list(response.headers)
+        if response.status not in (204, 304):  # these carry no body, and no Content-Length (RFC 9110)
+            headers.append((b"content-length", b"%d" % len(response.body)))
         headers.append((b"x-request-id", request.id.encode("latin-1")))
         if close:
             headers.append((b"connection", b"close"))
