@@ -94,6 +94,22 @@ def text(value: str) -> str:
     return value
 
 
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def path_segment(value: str) -> str:
+    """A name that is one URL path segment, e.g. the model in /v2/models/NAME/infer."""
+    text(value)
+    if not _SEGMENT.fullmatch(value):
+        raise ValueError(f"{value!r} cannot be one URL path segment; use letters, digits, '_', '.' and '-' "
+                         "(up to 128), e.g. mobilenet_v2")
+    return value
+
+
+# Checked as text is (tests/test_config.py picks a bad value by the parser's name): a blank is refused too.
+path_segment.__name__ = "text"
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value not in allowed:
@@ -287,6 +303,8 @@ OPTIONS: dict[str, Option] = {
         # model server
         Option("backend", _BACKENDS, "litert", "inference backend: {choices}", _SERVER),
         Option("model_dir", text, "models", "folder holding the .tflite model and imagenet_labels.txt", _SERVER),
+        Option("model_name", path_segment, "mobilenet_v2",
+               "the model's name in the Open Inference Protocol and TF Serving routes (/v2/models/NAME)", _SERVER),
         Option("weights", text, "imagenet",
                "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path", (SERVE,)),
         Option("threads", non_negative_int, 0, "inference worker threads (0 = one per CPU core)", _SERVER),

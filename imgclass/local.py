@@ -24,6 +24,7 @@ def _server_args(ns: argparse.Namespace, index: int, port: int = 0) -> list[str]
             "--http", ns.http]  # fmt: skip
     # N servers share the machine's cores: by default each gets one inference thread.
     args += ["--threads", str(ns.threads or 1)]
+    args += ["--model-name", ns.model_name]  # the /v2/models/NAME and /v1/models/NAME routes
     if ns.max_batch:
         args += ["--max-batch", str(ns.max_batch)]
     if ns.seed is not None:

@@ -14,6 +14,7 @@ from ..errors import BadParameter, ConfigError, NotReady
 from ..web.app import App, Limits, Request, Response, json_response
 from ..web.metrics import Buckets, Counts, healthz, metrics_handler
 from ..web.server import bind_socket, run, serve, socket_url
+from . import protocols
 from .backends import Backend, BackendOptions, load_backend
 from .batching import Batcher, Job, Result
 from .images import decode
@@ -160,6 +161,7 @@ def create_app(settings: ServerSettings, name: str | None = None) -> App:
     app.route("GET", "/labels", functools.partial(labels, server))
     app.route("GET", "/healthz", healthz)
     app.route("GET", "/metrics", metrics_handler(server.registry))
+    protocols.add_routes(app, server)  # Open Inference Protocol v2 and TF Serving REST
     requests = server.requests
     verbose = logger.enabled(logging.INFO)
     known = set(app.routes)

@@ -20,6 +20,7 @@ class ServerSettings:
     http: str
     backend: str
     model_dir: str
+    model_name: str
     weights: str
     threads: int
     max_batch: int
