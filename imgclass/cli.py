@@ -21,9 +21,26 @@ def _serve(argv: Sequence[str]) -> int:
 def _balance(argv: Sequence[str]) -> int:
     from .balancing import app, settings
 
-    parser = config.make_parser("imgclass balance", "Run the load balancer in front of model servers.")
+    parser = config.make_parser(
+        "imgclass balance", "Run the load balancer in front of model servers, or (--dispatch queue) the queue's front."
+    )
     settings.add_arguments(parser)
-    app.main(settings.BalancerSettings.from_namespace(parser.parse_args(argv)))
+    resolved = settings.BalancerSettings.from_namespace(parser.parse_args(argv))
+    if resolved.dispatch == "queue":
+        from .queue import front
+
+        front.main(resolved)
+    else:
+        app.main(resolved)
+    return 0
+
+
+def _worker(argv: Sequence[str]) -> int:
+    from .queue import settings, worker
+
+    parser = config.make_parser("imgclass worker", "Run one queue worker: pull jobs from Redis, classify them.")
+    settings.add_arguments(parser)
+    worker.main(settings.WorkerSettings.from_namespace(parser.parse_args(argv)))
     return 0
 
 
@@ -58,7 +75,8 @@ def _fetch_model(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "serve": ("run one model server (POST /predict)", _serve),
-    "balance": ("run the load balancer (POST /submit, the web page)", _balance),
+    "balance": ("run the load balancer (POST /submit, the web page), or the queue's front", _balance),
+    "worker": ("run one queue worker (pulls jobs from Redis Streams)", _worker),
     "up": ("start N model servers and a balancer on this machine", _up),
     "testbed": ("testbed tools: rspec, hosts, emulate (see 'imgclass testbed --help')", _testbed),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),

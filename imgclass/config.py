@@ -158,6 +158,18 @@ def url(value: str) -> str:
     return value
 
 
+def redis_url(value: str) -> str:
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError(f"{value!r} is not a Redis URL; give one such as redis://127.0.0.1:6379/0")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port; use a whole number from 1 to 65535") from None
+    return value
+
+
 def url_list(value: str) -> list[str]:
     items = [item for item in re.split(r"[,\s]+", value) if item]
     if not items:
@@ -252,8 +264,8 @@ def service_time(value: str) -> str:
 # --- the table ------------------------------------------------------------------------------
 
 # The commands that take options from the table; an option lists the ones it belongs to.
-SERVE, BALANCE, UP = "serve", "balance", "up"
-ROLES = (SERVE, BALANCE, UP)
+SERVE, BALANCE, UP, WORKER = "serve", "balance", "up", "worker"
+ROLES = (SERVE, BALANCE, UP, WORKER)
 
 
 @dataclass(frozen=True)
@@ -284,8 +296,9 @@ class Option:
         return self.role_defaults.get(role, self.default) if role else self.default
 
 
-_ALL = (SERVE, BALANCE, UP)
+_ALL = (SERVE, BALANCE, UP, WORKER)
 _SERVER = (SERVE, UP)
+_MODEL = (SERVE, UP, WORKER)  # what loads and runs the model: a model server or a queue worker
 _BALANCER = (BALANCE, UP)
 _POLICIES = registry("imgclass.balancing.policies", "POLICIES")
 _BACKENDS = registry("imgclass.serving.backends", "BACKENDS")
@@ -295,31 +308,32 @@ OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
         Option("host", text, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)", _ALL),
-        Option("port", port, 5001, "TCP port to listen on (0 picks a free one)", _ALL, {BALANCE: 5000, UP: 5000}),
-        Option("name", text, None, "name used in logs and responses (default host:port)", (SERVE, BALANCE)),
+        Option("port", port, 5001, "TCP port to listen on (0 picks a free one); a worker serves /metrics there",
+               _ALL, {BALANCE: 5000, UP: 5000, WORKER: 0}),
+        Option("name", text, None, "name used in logs and responses (default host:port)", (SERVE, BALANCE, WORKER)),
         Option("log_level", log_level, "INFO", "debug, info, warning or error", _ALL),
         Option("http", choice("httptools", "h11"), "httptools",
                "uvicorn's HTTP parser: httptools (fastest) or h11 (also bounds the request head)", _ALL),
         # model server
-        Option("backend", _BACKENDS, "litert", "inference backend: {choices}", _SERVER),
-        Option("model_dir", text, "models", "folder holding the .tflite model and imagenet_labels.txt", _SERVER),
+        Option("backend", _BACKENDS, "litert", "inference backend: {choices}", _MODEL),
+        Option("model_dir", text, "models", "folder holding the .tflite model and imagenet_labels.txt", _MODEL),
         Option("model_name", path_segment, "mobilenet_v2",
                "the model's name in the Open Inference Protocol and TF Serving routes (/v2/models/NAME)", _SERVER),
         Option("weights", text, "imagenet",
-               "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path", (SERVE,)),
+               "keras only: 'imagenet' (Keras cache/download), 'random', or a .h5/.keras path", (SERVE, WORKER)),
         Option("threads", non_negative_int, 0, "inference worker threads (0 = one per CPU core)", _SERVER),
         Option("max_batch", non_negative_int, 0, "largest dynamic batch (0 = 1 for litert/sleep, 8 for keras)",
-               _SERVER),
-        Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms", (SERVE,)),
+               _MODEL),
+        Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms", (SERVE, WORKER)),
         Option("max_queue", non_negative_int, 0,
                "images waiting beyond the workers before 503 (0 = 8 per worker; keras 16; sleep 1024)", _SERVER),
         Option("max_wait_ms", non_negative_float, 50.0,
                "refuse (503) an image whose expected wait in the queue is longer, in ms (0 = no bound; "
                "not for the sleep backend)", _SERVER),
         Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB", (SERVE, BALANCE)),
-        Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE,)),
+        Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE, WORKER)),
         Option("service_time", service_time, "exp:20ms",
-               "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5", _SERVER),
+               "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5", _MODEL),
         Option("seed", integer, None, "seed for the random choices (service times, dispatch)", _ALL),
         # balancer
         Option("backends", url_list, None, "comma-separated model server URLs", (BALANCE,)),
@@ -350,8 +364,22 @@ OPTIONS: dict[str, Option] = {
         Option("queue_timeout", positive_float, 10.0, "seconds a request may wait at the balancer before 503",
                _BALANCER),
         Option("admin_token", text, None, "bearer token for POST/DELETE /backends (unset: disabled)", _BALANCER),
+        # queue mode (pull dispatch)
+        Option("dispatch", choice("push", "queue"), "push",
+               "push: the balancer sends each request to a server; queue: workers pull jobs from Redis", _BALANCER),
+        Option("redis", redis_url, None,
+               "Redis URL of the job queue, e.g. redis://10.10.5.2:6379/0 (queue mode; 'imgclass up' starts "
+               "its own when unset)", (BALANCE, UP, WORKER)),
+        Option("result_ttl", non_negative_int, 604_800, "seconds a job's result is kept (0 = forever)",
+               (BALANCE, UP, WORKER)),
+        Option("max_deliveries", positive_int, 3, "times a job is delivered without a result before it fails",
+               (UP, WORKER)),
+        Option("heartbeat_ttl", positive_float, 3.0,
+               "seconds a worker's heartbeat lives; a worker silent for longer loses its jobs to the others",
+               (UP, WORKER)),
         # local cluster
         Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts", (UP,)),
+        Option("workers", positive_int, 2, "number of queue workers 'imgclass up --dispatch queue' starts", (UP,)),
     ]
 }  # fmt: skip
 

@@ -6,15 +6,31 @@ import argparse
 import signal
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import config, log
 from .errors import ConfigError
 from .process import Child, ChildFailed, stop_all
+from .queue.redis_server import RedisServer
+
+REDIS_DIR = Path(__file__).resolve().parents[1] / "var" / "redis"  # the queue's AOF, kept across runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_role_options(parser, config.UP)
+
+
+def _worker_args(ns: argparse.Namespace, index: int, redis_url: str) -> list[str]:
+    args = ["worker", "--host", "127.0.0.1", "--port", "0", "--name", f"worker{index}", "--redis", redis_url,
+            "--backend", ns.backend, "--model-dir", ns.model_dir, "--service-time", ns.service_time,
+            "--max-deliveries", str(ns.max_deliveries), "--heartbeat-ttl", str(ns.heartbeat_ttl),
+            "--result-ttl", str(ns.result_ttl), "--log-level", ns.log_level]  # fmt: skip
+    if ns.max_batch:
+        args += ["--max-batch", str(ns.max_batch)]
+    if ns.seed is not None:
+        args += ["--seed", str(ns.seed + index)]
+    return args
 
 
 def _server_args(ns: argparse.Namespace, index: int, port: int = 0) -> list[str]:
@@ -39,11 +55,16 @@ class LocalCluster:
         self.ns = ns
         self.echo = echo
         self.servers: list[Child] = []
+        self.workers: list[Child] = []
+        self.redis: RedisServer | None = None
+        self.redis_url: str | None = None
         self.balancer: Child | None = None
         self.extra: list[Child] = []  # further balancers over the same servers
         self.logger = log.get_logger("up", "cluster", ns.log_level)
 
     def start(self) -> str:
+        if getattr(self.ns, "dispatch", "push") == "queue":
+            return self._start_queue()
         try:
             self.servers = [Child(_server_args(self.ns, i + 1), echo=self.echo) for i in range(self.ns.servers)]
             for child in self.servers:
@@ -53,6 +74,37 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _start_queue(self) -> str:
+        """Redis (our own, with its AOF under var/redis, unless --redis names one), N workers, the front."""
+        try:
+            if self.ns.redis:
+                self.redis_url = self.ns.redis
+            else:
+                self.redis = RedisServer(REDIS_DIR)
+                self.redis_url = self.redis.start()
+                self.logger.info("redis_started", url=self.redis_url, dir=str(REDIS_DIR))
+            self.workers = [Child(_worker_args(self.ns, i + 1, self.redis_url), echo=self.echo)
+                            for i in range(self.ns.workers)]  # fmt: skip
+            for child in self.workers:
+                child.wait_url()
+            args = ["balance", "--dispatch", "queue", "--redis", self.redis_url, "--host", self.ns.host,
+                    "--port", str(self.ns.port), "--name", "front", "--log-level", self.ns.log_level,
+                    "--queue-size", str(self.ns.queue_size), "--result-ttl", str(self.ns.result_ttl),
+                    "--http", self.ns.http]  # fmt: skip
+            self.balancer = Child(args, echo=self.echo)
+            return self.balancer.wait_url()
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_worker(self) -> Child:
+        """One more worker on the same queue (autoscaling, or a restart)."""
+        assert self.redis_url is not None
+        child = Child(_worker_args(self.ns, len(self.workers) + 1, self.redis_url), echo=self.echo)
+        self.workers.append(child)
+        child.wait_url()
+        return child
 
     def another_balancer(self, max_conn: int) -> str:
         """One more balancer over the same servers, on a free port, e.g. with another --max-conn.
@@ -76,7 +128,11 @@ class LocalCluster:
         return Child(args, env=env, echo=self.echo)
 
     def supervise_once(self) -> None:
-        """Restart any server that died, on its old port, so the balancer re-admits it."""
+        """Restart any server that died, on its old port, so the balancer re-admits it; and any worker."""
+        for i, child in enumerate(self.workers):
+            if not child.alive() and child.url and self.redis_url:
+                self.logger.warning("worker_died", worker=f"worker{i + 1}", exit=child.proc.returncode)
+                self.workers[i] = Child(_worker_args(self.ns, i + 1, self.redis_url), echo=self.echo)
         for i, child in enumerate(self.servers):
             if not child.alive() and child.url:
                 port = urlsplit(child.url).port or 0
@@ -90,9 +146,11 @@ class LocalCluster:
                     self.logger.error("restart_failed", server=f"server{i + 1}", message=str(exc).splitlines()[0])
 
     def stop(self) -> None:
-        # balancer first, so nothing new is sent to servers that are draining
+        # balancer (or front) first, so nothing new is sent to servers or workers that are draining
         stop_all([*self.extra, *([self.balancer] if self.balancer is not None else [])])
-        stop_all(self.servers)
+        stop_all([*self.servers, *self.workers], timeout=70)  # a worker finishes its batch
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def up(argv: Sequence[str]) -> int:
@@ -109,8 +167,9 @@ def up(argv: Sequence[str]) -> int:
         url = cluster.start()
         host = urlsplit(url).hostname or ""
         shown = url.replace("0.0.0.0", "127.0.0.1") if host == "0.0.0.0" else url
-        print(f"imgclass is up: {ns.servers} {ns.backend} server(s) behind {shown}/  (Ctrl-C stops everything)",
-              flush=True)  # fmt: skip
+        what = (f"{ns.workers} {ns.backend} worker(s) on {cluster.redis_url}, their front at" if ns.dispatch == "queue"
+                else f"{ns.servers} {ns.backend} server(s) behind")  # fmt: skip
+        print(f"imgclass is up: {what} {shown}/  (Ctrl-C stops everything)", flush=True)
         print(f"  classify: curl -F image=@photo.jpg {shown}/submit", flush=True)
         while not stop.wait(0.5):
             cluster.supervise_once()

@@ -19,6 +19,7 @@ INVALID = {
     "non_negative_float": "-2",
     "integer": "1.5",
     "percent": "120",
+    "redis_url": "localhost:6379",
     "text": "   ",
     "choice": "nope",
     "url_list": "10.0.0.1:5000",

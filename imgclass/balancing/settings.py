@@ -40,6 +40,9 @@ class BalancerSettings:
     queue_size: int
     queue_timeout: float
     admin_token: str | None
+    dispatch: str = "push"
+    redis: str | None = None
+    result_ttl: int = 604_800
 
     @classmethod
     def make(cls, **overrides: object) -> BalancerSettings:
@@ -54,10 +57,13 @@ class BalancerSettings:
             backends += config.read_backends_file(ns.backends_file)
         if ns.cluster:
             backends += backends_from_cluster(ns.cluster)
-        if not backends:
+        if ns.dispatch == "queue":
+            if not ns.redis:
+                raise ConfigError("--dispatch queue needs the job queue: pass --redis redis://HOST:PORT/0 (or IMGCLASS_REDIS).")
+        elif not backends:
             raise ConfigError(
                 "no backends: pass --backends URL,URL, --backends-file FILE or --cluster cluster.json "
-                "(or IMGCLASS_BACKENDS)."
+                "(or IMGCLASS_BACKENDS), or --dispatch queue --redis URL for pull dispatch."
             )
         values = {f.name: getattr(ns, f.name) for f in fields(cls) if f.name != "backends"}
         return cls(backends=backends, **values)

@@ -1,0 +1,1 @@
+"""Pull dispatch: model workers take jobs from Redis Streams; a front offers /submit, /jobs and the page."""

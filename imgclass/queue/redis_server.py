@@ -1,0 +1,99 @@
+"""A redis-server of our own: on a free port, with its own data directory and an append-only file."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+# appendfsync everysec: an acknowledged job survives a crash of Redis itself (the process), and at
+# most about one second of acknowledged writes is lost if the machine dies (README).
+CONFIG = """
+bind 127.0.0.1
+port {port}
+dir {dir}
+appendonly yes
+appendfsync everysec
+save ""
+daemonize no
+protected-mode yes
+loglevel warning
+maxmemory-policy noeviction
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_redis_server() -> str:
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if binary is None:
+        raise ConfigError(
+            "redis-server is not installed: run ./install_script.sh (it installs the Debian package redis-server), "
+            "or pass --redis URL of a Redis you run."
+        )
+    return binary
+
+
+class RedisServer:
+    """Started in `directory` (kept across restarts: its AOF is the queue); `stop()` always ends it."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.binary = find_redis_server()
+        self.directory = directory.resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> str:
+        conf = self.directory / "redis.conf"
+        conf.write_text(CONFIG.format(port=self.port, dir=self.directory))
+        self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                detail = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise ConfigError(f"redis-server did not start on port {self.port}: {detail.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return self.url
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"redis-server did not answer on port {self.port} within {timeout:g} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: what the AOF holds is what survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
