@@ -11,7 +11,7 @@ from .. import log
 from ..web.app import App, Limits, Request, Response
 from ..web.metrics import healthz, metrics_handler
 from ..web.server import bind_socket, run, serve, socket_url
-from . import admin
+from . import admin, protocols
 from .forward import Forward
 from .settings import BalancerSettings
 from .state import Balancer
@@ -62,6 +62,7 @@ def create_app(settings: BalancerSettings, name: str | None = None) -> App:
     app.route("POST", "/submit", bind(submit), watch=WATCH_AFTER_S)
     # /predict too, so that the model server's curl line works on the balancer
     app.route("POST", "/predict", bind(submit), watch=WATCH_AFTER_S)
+    protocols.add_routes(app, balancer, WATCH_AFTER_S)  # Open Inference Protocol v2 and TF Serving REST
     app.route("GET", "/labels", bind(admin.labels))
     app.route("GET", "/backends", bind(admin.list_backends))
     app.route("POST", "/backends", bind(admin.add_backend))

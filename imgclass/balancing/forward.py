@@ -21,6 +21,8 @@ from .state import Balancer
 
 OPTIONS = frozenset({"policy", "number_backend_servers"})  # ours: never passed on to the model server
 _ON_ERRORS = frozenset({b"retry-after", b"allow"})  # an error's headers that the client gets too
+# The Open Inference Protocol's binary tensor data extension: where the JSON header of a body ends.
+INFER_HEADER = "Inference-Header-Content-Length"
 
 
 class UpstreamFailure(Exception):
@@ -60,6 +62,8 @@ async def post(
             # What the body is, and what an error asks of the client; the rest describe the
             # backend's connection, or we set them ourselves.
             passed = [(b"content-type", answer.headers.get("Content-Type", "application/json").encode("latin-1"))]
+            if (header_length := answer.headers.get(INFER_HEADER)) is not None:
+                passed.append((b"inference-header-content-length", header_length.encode("latin-1")))
             if status >= 400:
                 passed += [(k.lower(), v) for k, v in answer.raw_headers if k.lower() in _ON_ERRORS]
             return status, passed, payload
@@ -105,10 +109,13 @@ def request_options(balancer: Balancer, request: Request) -> tuple[str, int | No
 class Forward:
     """One forwarded request: choose a backend (or wait for one), send, retry once if nothing came back."""
 
-    __slots__ = ("backend", "balancer", "first_k", "headers", "path", "policy", "queued_ms", "request", "start")
+    __slots__ = (
+        "annotate", "backend", "balancer", "first_k", "headers", "path", "policy", "queued_ms", "request", "start",
+    )  # fmt: skip
 
-    def __init__(self, balancer: Balancer, request: Request, path: str = "/predict") -> None:
+    def __init__(self, balancer: Balancer, request: Request, path: str = "/predict", annotate: bool = True) -> None:
         self.start = time.perf_counter()
+        self.annotate = annotate  # splice our timings into the answer; False passes it through untouched
         self.balancer = balancer
         self.request = request
         self.policy, self.first_k = request_options(balancer, request)
@@ -222,7 +229,7 @@ class Forward:
             balancer.pool.record_success(backend, upstream_ms)
         headers.append((b"x-backend", backend.url.encode()))
         total = time.perf_counter() - self.start
-        if status == 200:
+        if status == 200 and self.annotate:
             body = annotate(body, backend.url, upstream_ms, self.queued_ms, total * 1000)
         balancer.latency.observe(total)
         return Response(body, status, headers)
