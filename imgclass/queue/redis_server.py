@@ -55,6 +55,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> str:
+        self._close_pipe()  # of an earlier run, when restarted
         conf = self.directory / "redis.conf"
         conf.write_text(CONFIG.format(port=self.port, dir=self.directory))
         self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -84,6 +85,7 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._close_pipe()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:
@@ -95,5 +97,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc.stderr is not None:
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None and not self.proc.stderr.closed:
             self.proc.stderr.close()
