@@ -82,8 +82,13 @@ else
   say "package already installed ($spec)"
 fi
 
+# Redis is the job queue of queue mode (imgclass up --dispatch queue starts its own redis-server).
+if [ -z "$role" ] || [ "$role" = balancer ]; then
+  apt_install redis-server
+fi
+
 if [ $dev = 1 ]; then
-  apt_install chromium chromium-driver nginx openssh-server openssh-client wrk iproute2
+  apt_install chromium chromium-driver nginx openssh-server openssh-client wrk iproute2 redis-server
 fi
 
 if [ -z "$role" ] || [ "$role" = server ]; then

@@ -101,8 +101,9 @@ class Front:
         job_id = request.id if supplied else str(uuid.uuid4())
         try:
             for _ in range(2):
+                # the job id is the request id everywhere from here on: the worker logs it as such
                 outcome = await self.broker.enqueue(job_id, image, top, self.settings.queue_size, self.image_ttl,
-                                                    request.id)  # fmt: skip
+                                                    job_id)  # fmt: skip
                 if outcome != -1:
                     break
                 if supplied:
