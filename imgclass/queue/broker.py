@@ -87,14 +87,14 @@ redis.call('XADD', KEYS[1], '*', 'id', ARGV[1])
 return 1
 """
 
-# KEYS: job hash. ARGV: worker, started. Returns the job's fields, with its deliveries counted, or
-# nothing if it has an outcome already (a job finished by another worker is skipped, not redone).
+# KEYS: job hash, image. ARGV: worker, started. Returns {the job's fields (deliveries counted), its
+# image}, or nothing if it has an outcome already (a job finished by another worker is skipped).
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == false or status == 'done' or status == 'failed' then return {} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-return redis.call('HGETALL', KEYS[1])
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 
 # KEYS: jobs stream, job hash, image, done stream, dead stream, stats.
@@ -119,6 +119,17 @@ redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 return wrote
 """
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker writes for one job: its result, or its error (code, message, HTTP status)."""
+
+    entry: str
+    job_id: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    dead_letter: bool = False
 
 
 def client(url: str, *, timeout: float | None = 2.0) -> redis.Redis:
@@ -158,12 +169,23 @@ class Broker:
             )
         )
 
-    async def start(self, job_id: str, worker: str) -> dict[str, str] | None:
-        """Mark a delivered job running: its fields (deliveries counted), or None to skip it."""
-        flat = await self._start(keys=[self.keys.job(job_id)], args=[worker, repr(time.time())])
-        if not flat:
-            return None
-        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    async def start(self, job_ids: list[str], worker: str) -> list[tuple[dict[str, str], bytes | None] | None]:
+        """Mark delivered jobs running, in one round trip: for each, its fields (deliveries counted)
+        and its image, or None to skip it (it has an outcome)."""
+        now = repr(time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                await self._start(keys=[self.keys.job(job_id), self.keys.image(job_id)], args=[worker, now],
+                                  client=pipe)  # fmt: skip
+            replies = await pipe.execute()
+        out: list[tuple[dict[str, str], bytes | None] | None] = []
+        for reply in replies:
+            if not reply:
+                out.append(None)
+                continue
+            flat, image = reply
+            out.append(({flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}, image or None))
+        return out
 
     async def discard(self, entry: str) -> None:
         """Acknowledge and delete an entry whose job already has its outcome."""
@@ -172,18 +194,21 @@ class Broker:
             pipe.xdel(self.keys.jobs, entry)
             await pipe.execute()
 
-    async def finish(
-        self, entry: str, job_id: str, worker: str, *, result: dict[str, Any] | None = None,
-        error: str | None = None, ttl: int = 0, dead_letter: bool = False,
-    ) -> bool:  # fmt: skip
-        k = self.keys
-        status, field, value = ("done", "result", json.dumps(result)) if error is None else ("failed", "error", error)
-        wrote = await self._finish(
-            keys=[k.jobs, k.job(job_id), k.image(job_id), k.done, k.dead, k.stats],
-            args=[entry, GROUP, status, field, value, worker, repr(time.time()), ttl, job_id,
-                  "1" if dead_letter else "0", self.done_maxlen],
-        )  # fmt: skip
-        return bool(wrote)
+    async def finish(self, outcomes: list[Outcome], worker: str, ttl: int = 0) -> list[bool]:
+        """Write each outcome once (with its notification, then the acknowledgement), in one round
+        trip; for each, whether this call wrote it (False: another worker had already)."""
+        k, now = self.keys, repr(time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for o in outcomes:
+                status, field, value = (("done", "result", json.dumps(o.result)) if o.error is None
+                                        else ("failed", "error", json.dumps(o.error)))  # fmt: skip
+                await self._finish(
+                    keys=[k.jobs, k.job(o.job_id), k.image(o.job_id), k.done, k.dead, k.stats],
+                    args=[o.entry, GROUP, status, field, value, worker, now, ttl, o.job_id,
+                          "1" if o.dead_letter else "0", self.done_maxlen],
+                    client=pipe,
+                )  # fmt: skip
+            return [bool(wrote) for wrote in await pipe.execute()]
 
     async def job(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(self.keys.job(job_id))

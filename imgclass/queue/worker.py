@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -33,7 +34,7 @@ from ..serving.images import decode
 from ..web.app import App, Limits, Request, Response, json_response
 from ..web.metrics import Buckets, Counts, healthz, metrics_handler
 from ..web.server import bind_socket, run, serve, socket_url
-from .broker import GROUP, Broker, client
+from .broker import GROUP, Broker, Outcome, client
 from .settings import WorkerSettings
 
 BLOCK_MS = 1000  # how long one blocking read waits before the worker looks at its stop flag
@@ -134,17 +135,90 @@ class Worker:
     # --- consuming --------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        while not self.stopping:
+        """Fetch a batch, run it; while it runs, fetch the next, so the engine never waits on Redis."""
+        ahead: asyncio.Task[Batch] | None = None
+        while not self.stopping or ahead is not None:
             try:
-                deliveries = await self._reclaim()
-                if not deliveries:
-                    deliveries = await self._read()
-                if deliveries:
-                    await self._run(deliveries)
+                batch = await ahead if ahead is not None else await self._fetch()
+                ahead = None
+                if not batch.jobs:
+                    await self._write(batch, [])
+                    continue
+                self.in_batch = len(batch.jobs)
+                running = asyncio.ensure_future(self._infer(batch))
+                if not self.stopping:
+                    ahead = asyncio.create_task(self._fetch())
+                results = await running
+                self.in_batch = 0
+                await self._write(batch, results)
             except RedisError as exc:
-                # Redis restarting or unreachable: try again shortly; pending entries stay pending.
+                # Redis restarting or unreachable: try again shortly; pending entries stay pending,
+                # and this worker (or another) takes them up again.
                 self.logger.warning("redis_unavailable", message=str(exc))
+                ahead = None
                 await asyncio.sleep(0.5)
+
+    async def _fetch(self) -> Batch:
+        """The next batch: entries of dead workers first, else new ones; started in one round trip."""
+        deliveries = await self._reclaim() or await self._read()
+        batch = Batch()
+        if not deliveries:
+            return batch
+        started = await self.broker.start([d.job_id for d in deliveries], self.name)
+        for delivery, begun in zip(deliveries, started, strict=True):
+            if begun is None:  # another worker finished it: nothing to redo, nothing to write
+                batch.discard.append(delivery)
+                continue
+            fields, image = begun
+            if int(fields.get("deliveries", "1")) > self.settings.max_deliveries:
+                batch.failed.append(_error(delivery, "poison_job", f"Delivered {fields['deliveries']} times without "
+                                           "a result; the job is dead-lettered.", 500, dead_letter=True))  # fmt: skip
+            elif image is None:
+                batch.failed.append(_error(delivery, "image_missing", "The job's image expired before a worker "
+                                           "took it.", 410))  # fmt: skip
+            else:
+                batch.jobs.append((delivery, fields, Job(image, int(fields.get("top", "5")))))
+        return batch
+
+    async def _infer(self, batch: Batch) -> list[Result | Exception]:
+        started = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, run_batch, self.engine, self.decode, [job for _, _, job in batch.jobs]
+            )
+        except Exception as exc:  # an engine failure fails the batch; the jobs are not lost
+            self.logger.error("batch_failed", type=type(exc).__name__, message=str(exc))
+            results = [exc] * len(batch.jobs)
+        self.infer_seconds.observe(time.perf_counter() - started)
+        self.batch_sizes.observe(len(batch.jobs))
+        return results  # type: ignore[return-value]
+
+    async def _write(self, batch: Batch, results: list[Result | Exception]) -> None:
+        """Every outcome of the batch, once, in one round trip; then the entries to skip."""
+        outcomes = list(batch.failed)
+        for (delivery, fields, _), result in zip(batch.jobs, results, strict=True):
+            if isinstance(result, Result):
+                outcomes.append(Outcome(delivery.entry, delivery.job_id, result=self._result(fields, result)))
+            elif isinstance(result, ImgclassError):
+                outcomes.append(_error(delivery, result.code, result.message, result.status))
+            else:
+                outcomes.append(_error(delivery, "internal_error", "An unexpected error occurred; it has been logged.",
+                                       500))  # fmt: skip
+        if outcomes:
+            wrote = await self.broker.finish(outcomes, self.name, self.settings.result_ttl)
+            for outcome, written in zip(outcomes, wrote, strict=True):
+                log.request_id.set(outcome.job_id)
+                kind = ("done" if outcome.error is None else "failed") if written else "already_done"
+                self.jobs.inc(kind)
+                if outcome.error is None:
+                    self.processed += written
+                else:
+                    self.failed += written
+                    self.logger.warning("failed", job=outcome.job_id, code=outcome.error["error"])
+                if self.logger.enabled(logging.INFO) or not written:
+                    self.logger.info(kind, job=outcome.job_id, batch=len(batch.jobs))
+        for delivery in batch.discard:
+            await self.broker.discard(delivery.entry)
 
     async def _read(self) -> list[Delivery]:
         """Up to max_batch entries: block for the first, then keep reading for the batch window."""
@@ -184,84 +258,42 @@ class Worker:
             self.logger.warning("claimed", count=len(deliveries), from_workers=",".join(sorted(dead)))
         return deliveries
 
-    async def _run(self, deliveries: list[Delivery]) -> None:
-        broker, settings = self.broker, self.settings
-        batch: list[tuple[Delivery, dict[str, str], Job]] = []
-        for delivery in deliveries:
-            fields = await broker.start(delivery.job_id, self.name)
-            if fields is None:  # another worker finished it: nothing to redo, nothing to write
-                await broker.discard(delivery.entry)
-                continue
-            log.request_id.set(fields.get("request_id") or delivery.job_id)
-            if int(fields.get("deliveries", "1")) > settings.max_deliveries:
-                await self._fail(delivery, "poison_job", f"Delivered {fields['deliveries']} times without a result; "
-                                 "the job is dead-lettered.", 500, dead_letter=True)  # fmt: skip
-                continue
-            image = await broker.image(delivery.job_id)
-            if image is None:
-                await self._fail(delivery, "image_missing", "The job's image expired before a worker took it.", 410)
-                continue
-            batch.append((delivery, fields, Job(image, int(fields.get("top", "5")))))
-        if not batch:
-            return
-        self.in_batch = len(batch)
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self.executor, run_batch, self.engine, self.decode,
-                                                 [job for _, _, job in batch])  # fmt: skip
-        except Exception as exc:  # an engine failure fails the batch; the jobs are not lost
-            self.logger.error("batch_failed", type=type(exc).__name__, message=str(exc))
-            results = [exc] * len(batch)
-        finally:
-            self.in_batch = 0
-        self.infer_seconds.observe(time.perf_counter() - started)
-        self.batch_sizes.observe(len(batch))
-        for (delivery, fields, _), result in zip(batch, results, strict=True):
-            log.request_id.set(fields.get("request_id") or delivery.job_id)
-            if isinstance(result, Result):
-                await self._succeed(delivery, fields, result)
-            elif isinstance(result, ImgclassError):
-                await self._fail(delivery, result.code, result.message, result.status)
-            else:
-                await self._fail(delivery, "internal_error", "An unexpected error occurred; it has been logged.", 500)
-
-    async def _succeed(self, delivery: Delivery, fields: dict[str, str], result: Result) -> None:
+    def _result(self, fields: dict[str, str], result: Result) -> dict[str, Any]:
         now = time.time()
         created = float(fields.get("created", now))
         started = float(fields.get("started", now))
         labels = self.backend.labels
-        doc = {
+        timing = {
+            "queued": round((started - created) * 1000, 3),
+            "decode": round(result.decode_ms, 3),
+            "infer": round(result.infer_ms, 3),
+            "total": round((now - created) * 1000, 3),
+        }
+        if result.service_ms is not None:
+            timing["service"] = round(result.service_ms, 3)  # the sleep backend's drawn service time
+        return {
             "predictions": [{"index": i, "label": labels[i], "score": round(p, 6)} for i, p in result.classes],
             "model": self.backend.model_name,
             "server": self.name,
             "worker": self.name,
             "backend": self.url,
-            "timing_ms": {
-                "queued": round((started - created) * 1000, 3),
-                "decode": round(result.decode_ms, 3),
-                "infer": round(result.infer_ms, 3),
-                "total": round((now - created) * 1000, 3),
-            },
+            "timing_ms": timing,
             "batch_size": result.batch_size,
         }
-        if result.service_ms is not None:
-            doc["timing_ms"]["service"] = round(result.service_ms, 3)  # type: ignore[index]
-        wrote = await self.broker.finish(delivery.entry, delivery.job_id, self.name, result=doc,
-                                         ttl=self.settings.result_ttl)  # fmt: skip
-        self.processed += 1
-        self.jobs.inc("done" if wrote else "already_done")
-        self.logger.info("done" if wrote else "already_done", job=delivery.job_id, batch=result.batch_size)
 
-    async def _fail(
-        self, delivery: Delivery, code: str, message: str, status: int, *, dead_letter: bool = False
-    ) -> None:
-        error = json.dumps({"error": code, "message": message, "status": status})
-        await self.broker.finish(delivery.entry, delivery.job_id, self.name, error=error,
-                                 ttl=self.settings.result_ttl, dead_letter=dead_letter)  # fmt: skip
-        self.failed += 1
-        self.jobs.inc("failed")
-        self.logger.warning("failed", job=delivery.job_id, code=code)
+
+@dataclass
+class Batch:
+    """What one fetch gave: jobs to run, outcomes already known, and entries to skip."""
+
+    jobs: list[tuple[Delivery, dict[str, str], Job]] = field(default_factory=list)
+    failed: list[Outcome] = field(default_factory=list)
+    discard: list[Delivery] = field(default_factory=list)
+
+
+def _error(delivery: Delivery, code: str, message: str, status: int, *, dead_letter: bool = False) -> Outcome:
+    return Outcome(delivery.entry, delivery.job_id, error={"error": code, "message": message, "status": status},
+                   dead_letter=dead_letter)  # fmt: skip
 
 
 def _text(value: bytes | str) -> str:
