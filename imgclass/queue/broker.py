@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import ServiceError
 
@@ -107,7 +107,8 @@ local wrote = 0
 if status ~= false and status ~= 'done' and status ~= 'failed' then
   redis.call('HSET', KEYS[2], 'status', ARGV[3], ARGV[4], ARGV[5], 'worker', ARGV[6], 'finished', ARGV[7])
   if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[8]) end
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'id', ARGV[9])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'id', ARGV[9], 'status', ARGV[3], ARGV[4], ARGV[5],
+            'worker', ARGV[6], 'finished', ARGV[7])
   if ARGV[10] == '1' then
     redis.call('XADD', KEYS[5], '*', 'id', ARGV[9], 'error', ARGV[5], 'worker', ARGV[6])
     redis.call('HINCRBY', KEYS[6], 'dead_lettered', 1)
@@ -143,13 +144,28 @@ def client(url: str, *, timeout: float | None = 2.0) -> redis.Redis:
 class Broker:
     """The atomic steps on one Redis, for fronts and workers alike."""
 
-    def __init__(self, redis_client: redis.Redis, keys: Keys | None = None, done_maxlen: int = 100_000) -> None:
+    def __init__(self, redis_client: redis.Redis, keys: Keys | None = None, done_maxlen: int = 20_000) -> None:
         self.redis = redis_client
         self.keys = keys or Keys()
-        self.done_maxlen = done_maxlen
+        self.done_maxlen = done_maxlen  # notifications carry the outcome: a few MB of them at most
         self._enqueue = redis_client.register_script(_ENQUEUE)
         self._start = redis_client.register_script(_START)
         self._finish = redis_client.register_script(_FINISH)
+
+    async def _pipelined(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Many calls of one script in one round trip, by its SHA. (redis-py's pipeline asks Redis
+        whether the script exists before every run: a second round trip each time.)"""
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    return await pipe.execute()
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    await self.redis.script_load(script.script)  # Redis restarted: its script cache is empty
+        raise AssertionError("unreachable")
 
     async def ensure_group(self) -> None:
         try:
@@ -173,11 +189,9 @@ class Broker:
         """Mark delivered jobs running, in one round trip: for each, its fields (deliveries counted)
         and its image, or None to skip it (it has an outcome)."""
         now = repr(time.time())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                await self._start(keys=[self.keys.job(job_id), self.keys.image(job_id)], args=[worker, now],
-                                  client=pipe)  # fmt: skip
-            replies = await pipe.execute()
+        replies = await self._pipelined(
+            self._start, [([self.keys.job(job_id), self.keys.image(job_id)], [worker, now]) for job_id in job_ids]
+        )
         out: list[tuple[dict[str, str], bytes | None] | None] = []
         for reply in replies:
             if not reply:
@@ -198,17 +212,16 @@ class Broker:
         """Write each outcome once (with its notification, then the acknowledgement), in one round
         trip; for each, whether this call wrote it (False: another worker had already)."""
         k, now = self.keys, repr(time.time())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for o in outcomes:
-                status, field, value = (("done", "result", json.dumps(o.result)) if o.error is None
-                                        else ("failed", "error", json.dumps(o.error)))  # fmt: skip
-                await self._finish(
-                    keys=[k.jobs, k.job(o.job_id), k.image(o.job_id), k.done, k.dead, k.stats],
-                    args=[o.entry, GROUP, status, field, value, worker, now, ttl, o.job_id,
-                          "1" if o.dead_letter else "0", self.done_maxlen],
-                    client=pipe,
-                )  # fmt: skip
-            return [bool(wrote) for wrote in await pipe.execute()]
+        calls = []
+        for o in outcomes:
+            status, field, value = (("done", "result", json.dumps(o.result)) if o.error is None
+                                    else ("failed", "error", json.dumps(o.error)))  # fmt: skip
+            calls.append((
+                [k.jobs, k.job(o.job_id), k.image(o.job_id), k.done, k.dead, k.stats],
+                [o.entry, GROUP, status, field, value, worker, now, ttl, o.job_id, "1" if o.dead_letter else "0",
+                 self.done_maxlen],
+            ))  # fmt: skip
+        return [bool(wrote) for wrote in await self._pipelined(self._finish, calls)]
 
     async def job(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(self.keys.job(job_id))

@@ -125,13 +125,11 @@ class Front:
         except RedisError as exc:
             raise BrokerUnavailable("The job queue cannot be reached; retry shortly.", retry_after=1) from exc
 
-    async def wait(self, job_id: str, timeout: float) -> dict[str, str] | None:
+    async def wait(self, job_id: str, timeout: float, known: dict[str, str] | None = None) -> dict[str, str] | None:
         try:
-            fields = await self.notifier.wait(job_id, timeout)
+            fields = await self.notifier.wait(job_id, timeout, known)
         except RedisError as exc:
             raise BrokerUnavailable("The job queue cannot be reached; retry shortly.", retry_after=1) from exc
-        if fields and fields.get("status") in FINAL and "started" in fields:
-            self.queued.observe(max(0.0, float(fields["started"]) - float(fields["created"])))
         return fields
 
 
@@ -198,14 +196,18 @@ async def submit(front: Front, request: Request) -> Response:
     start = time.perf_counter()
     top = parse_top(request)
     image = read_image(request.body, request.content_type, front.settings.max_upload_bytes)
+    enqueued = time.time()
     job_id = await front.enqueue(request, image, top)
     headers = {"X-Job-ID": job_id}
-    fields = await front.wait(job_id, front.settings.timeout)
+    fields = await front.wait(job_id, front.settings.timeout, {"id": job_id, "status": "queued",
+                                                              "created": repr(enqueued)})  # fmt: skip
     if fields is None or fields.get("status") not in FINAL:
         raise JobTimeout(f"No worker answered within {front.settings.timeout:g} s; the job goes on: "
                          f"fetch it at /jobs/{job_id}.")  # fmt: skip
     doc = outcome(fields)
-    doc.setdefault("timing_ms", {})["front"] = round((time.perf_counter() - start) * 1000, 3)
+    timing = doc.setdefault("timing_ms", {})
+    front.queued.observe(timing.get("queued", 0.0) / 1000)
+    timing["front"] = round((time.perf_counter() - start) * 1000, 3)
     front.latency.observe(time.perf_counter() - start)
     return json_response(doc, headers={**headers, "X-Backend": str(doc.get("backend", ""))})
 

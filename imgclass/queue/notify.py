@@ -28,7 +28,8 @@ class Notifier:
         self.broker = broker
         self.logger = logger
         self.fallback_s = fallback_s
-        self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        # a waiter's future gets the job's outcome fields, which the notification carries
+        self.waiters: dict[str, list[asyncio.Future[dict[str, str]]]] = defaultdict(list)
         self.fallbacks = 0
         self.notifications = 0
         self._task: asyncio.Task[None] | None = None
@@ -52,32 +53,38 @@ class Notifier:
                 await asyncio.sleep(0.5)
                 continue
             for _, entries in response or []:
-                for entry, fields in entries:
+                for entry, raw in entries:
                     last = entry.decode() if isinstance(entry, bytes) else entry
-                    job_id = fields.get(b"id", b"").decode()
+                    fields = {k.decode(): v.decode() for k, v in raw.items()}
                     self.notifications += 1
-                    for future in self.waiters.pop(job_id, []):
+                    for future in self.waiters.pop(fields.get("id", ""), []):
                         if not future.done():
-                            future.set_result(None)
+                            future.set_result(fields)
 
-    async def wait(self, job_id: str, timeout: float) -> dict[str, str] | None:
-        """The job's fields once it has an outcome, or its last known fields after `timeout` s."""
+    async def wait(self, job_id: str, timeout: float, known: dict[str, str] | None = None) -> dict[str, str] | None:
+        """The job's fields once it has an outcome, or its last known fields after `timeout` s.
+
+        `known`: what the caller knows of the job already (one it has just queued), so that the
+        first look at Redis is saved; the outcome itself comes with the notification.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        fields = known
         while True:
             # Listen before looking, so that an outcome written in between is not missed.
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[dict[str, str]] = loop.create_future()
             self.waiters[job_id].append(future)
             try:
-                fields = await self.broker.job(job_id)
+                if fields is None:
+                    fields = await self.broker.job(job_id)
                 if fields is None or fields.get("status") in FINAL:
                     return fields
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return fields
                 try:
-                    await asyncio.wait_for(future, min(remaining, self.fallback_s))
-                    continue  # notified: read the outcome
+                    notified = await asyncio.wait_for(future, min(remaining, self.fallback_s))
+                    return {**fields, **notified}
                 except asyncio.TimeoutError:
                     pass
             finally:
@@ -87,7 +94,7 @@ class Notifier:
                 self.fallbacks += 1  # finished, and no notification told us
                 return fields
 
-    def _forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+    def _forget(self, job_id: str, future: asyncio.Future[dict[str, str]]) -> None:
         waiting = self.waiters.get(job_id)
         if waiting is not None:
             with contextlib.suppress(ValueError):
