@@ -81,9 +81,10 @@ class LocalCluster:
             if self.ns.redis:
                 self.redis_url = self.ns.redis
             else:
-                self.redis = RedisServer(REDIS_DIR)
+                directory = Path(getattr(self.ns, "redis_dir", None) or REDIS_DIR)
+                self.redis = RedisServer(directory)
                 self.redis_url = self.redis.start()
-                self.logger.info("redis_started", url=self.redis_url, dir=str(REDIS_DIR))
+                self.logger.info("redis_started", url=self.redis_url, dir=str(directory))
             self.workers = [Child(_worker_args(self.ns, i + 1, self.redis_url), echo=self.echo)
                             for i in range(self.ns.workers)]  # fmt: skip
             for child in self.workers:
@@ -105,6 +106,14 @@ class LocalCluster:
         self.workers.append(child)
         child.wait_url()
         return child
+
+    def set_workers(self, count: int) -> None:
+        """Exactly `count` workers: new ones join the queue, surplus ones drain and stop (SIGTERM)."""
+        while len(self.workers) < count:
+            self.add_worker()
+        if len(self.workers) > count:
+            surplus, self.workers = self.workers[count:], self.workers[:count]
+            stop_all(surplus, timeout=70)
 
     def another_balancer(self, max_conn: int) -> str:
         """One more balancer over the same servers, on a free port, e.g. with another --max-conn.

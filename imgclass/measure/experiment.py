@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -57,8 +58,11 @@ def local_cluster(**cluster: object) -> Iterator[tuple[LocalCluster, str]]:
     measures the queue, and a 503 for a burst of its own arrivals would be an artefact of the bound.
     """
     ns = cluster_options(log_level="WARNING", **{"max_queue": 1024, "max_wait_ms": 0.0, **cluster})
+    if ns.dispatch == "queue" and not ns.redis:
+        ns.redis_dir = tempfile.mkdtemp(prefix="imgclass-redis-")  # a queue of its own, not var/redis
     running = LocalCluster(ns, echo=False)
-    print(f"# starting a local cluster: {ns.servers} {ns.backend} server(s)", file=sys.stderr, flush=True)
+    what = f"Redis and {ns.workers} {ns.backend} worker(s)" if ns.dispatch == "queue" else f"{ns.servers} {ns.backend} server(s)"
+    print(f"# starting a local cluster: {what}", file=sys.stderr, flush=True)
     url = running.start()
     try:
         yield running, url

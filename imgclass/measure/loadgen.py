@@ -154,7 +154,8 @@ def _timings(payload: bytes) -> tuple[float, float, float]:
     """
     try:
         timing = json.loads(payload)["timing_ms"]
-        station = float(timing.get("queued", 0.0)) + float(timing["queue"]) + float(timing["decode"])
+        # queued: at the balancer (push) or in the job queue (pull); queue: in the model server's own
+        station = float(timing.get("queued", 0.0)) + float(timing.get("queue", 0.0)) + float(timing["decode"])
         station += float(timing["infer"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return math.nan, math.nan, math.nan

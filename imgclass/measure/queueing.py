@@ -50,6 +50,9 @@ def mmc_held_mean_response(arrival_rate: float, mean_service: float, mean_hold: 
     return held - mean_hold + mean_service
 
 
+PULL = "queue"  # pull dispatch: c workers take jobs from one FIFO queue, which is M/M/c exactly
+
+
 def theory_mean_response(
     policy: str, arrival_rate: float, mean_service: float, servers: int, mean_hold: float | None = None
 ) -> float | None:
@@ -60,13 +63,14 @@ def theory_mean_response(
     busy server is join-the-shortest-queue, which is close to, and never better than, M/M/c).
     mean_hold given: the balancer queues centrally (--max-conn 1), which is M/M/c for every
     policy, since the policy only chooses among idle servers.
+    queue (pull dispatch): workers take jobs from one FIFO stream as they are free: M/M/c.
     """
     if mean_hold is not None:
         return mmc_held_mean_response(arrival_rate, mean_service, mean_hold, servers)
     mu = 1.0 / mean_service
     if policy == "random":
         return mm1_mean_response(arrival_rate / servers, mu)
-    if policy == "least_outstanding":
+    if policy in ("least_outstanding", PULL):
         return mmc_mean_response(arrival_rate, mu, servers)
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from .experiment import (
     target_service,
     write_json,
 )
-from .queueing import simulate_jsq_mean_response, theory_mean_response
+from .queueing import PULL, simulate_jsq_mean_response, theory_mean_response
 from .stats import LatencySummary, RunSummary, write_rows_csv
 
 PROG = "test_scaling.py"
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--loads", help="utilisations rho = lambda / (n mu), e.g. 0.2,0.4,0.6,0.8 (needs the mean service time)"
     )
-    p.add_argument("--policies", default="random", help="comma-separated: " + ",".join(POLICIES))
+    p.add_argument("--policies", default="random",
+                   help="comma-separated: " + ",".join([*POLICIES, PULL]) + f" ({PULL}: pull dispatch, n workers "
+                        "taking jobs from Redis; with --local, started beside the push cluster)")  # fmt: skip
     p.add_argument("--duration", type=float, default=20.0, help="seconds per run, warm-up included [default 20]")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds at the start of each run left out [default 2]")
     p.add_argument("--min-per-server", type=int, default=0, metavar="K",
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="start a local cluster (sleep backend) with max(n) servers")
     p.add_argument("--backend", default="sleep", help="--local: model backend [default sleep]")
     p.add_argument("--service-time", default="exp:20ms", help="--local sleep backend: service times [default exp:20ms]")
+    p.add_argument("--queue-url", default=os.environ.get("IMGCLASS_QUEUE_URL"),
+                   help="without --local: the front of a queue-mode deployment, for --policies queue "
+                        "(its workers are the n of the run: start as many) [env IMGCLASS_QUEUE_URL]")  # fmt: skip
     p.add_argument("--max-conn", default="0", metavar="K|POLICY=K,...",
                    help="--local: balancer --max-conn, for all policies or per policy (e.g. least_outstanding=1; "
                         "the others get 0); 1 queues centrally at the balancer, which makes the theory M/M/c "
@@ -229,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     servers = [int(x) for x in args.servers.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for policy in policies:
-        if policy not in POLICIES:
-            raise SystemExit(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    max_conn = parse_max_conn(args.max_conn, policies)
+        if policy not in POLICIES and policy != PULL:
+            raise SystemExit(f"unknown policy {policy!r}; choose from {', '.join([*POLICIES, PULL])}")
+    if PULL in policies and not args.local and not args.queue_url:
+        raise SystemExit(f"--policies {PULL} needs --local, or --queue-url of a front in queue mode")
+    push = [p for p in policies if p != PULL]
+    max_conn = parse_max_conn(args.max_conn, push)
     mean_service = None
     if args.service_ms:
         mean_service = args.service_ms / 1000
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         raise SystemExit("nothing to run: --servers and --policies name no run")
     out = out_dir(args, PROG)
-    balancers = len(set(max_conn.values())) if args.local else 1
+    balancers = len(set(max_conn.values())) + (PULL in policies) if args.local else 1
     announce(PROG, out, expected_seconds(runs, args, balancers),
              f"{len(runs)} runs of {duration_text(min(r.duration for r in runs))}"
              + (f" to {duration_text(max(r.duration for r in runs))}" if len({r.duration for r in runs}) > 1 else "")
@@ -254,29 +263,41 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info(PROG, argv, args, image=str(source))
     with ExitStack() as stack:
         urls: dict[int, str] = {}  # balancer base URL by --max-conn
-        if args.local:
+        if args.local and push:
             # One balancer per --max-conn value in use, all over the same servers.
-            first = max_conn[policies[0]]
+            first = max_conn[push[0]]
             cluster, urls[first] = stack.enter_context(local_cluster(
                 servers=max(servers), backend=args.backend, service_time=args.service_time, seed=args.seed,
                 max_conn=first))  # fmt: skip
             for k in sorted(set(max_conn.values()) - {first}):
                 urls[k] = cluster.another_balancer(k)
+        if args.local:
+            queue_url = ""
+            if PULL in policies:
+                pull, queue_url = stack.enter_context(local_cluster(
+                    dispatch="queue", workers=1, backend=args.backend, service_time=args.service_time,
+                    seed=args.seed))  # fmt: skip
         else:
             urls = dict.fromkeys(max_conn.values(), stack.enter_context(target_service(args, False)))
+            queue_url = args.queue_url
         for k, run in enumerate(runs, 1):
             n, policy, rate, rho = run.n, run.policy, run.rate, run.rho
             label = f"n={n} {policy} {rate:.1f}/s"
             progress(k, len(runs), f"{label}, {duration_text(run.duration)}",
                      expected_seconds(runs[k - 1 :], args, start=False))  # fmt: skip
-            url = f"{urls[max_conn[policy]]}/submit?number_backend_servers={n}&policy={policy}"
+            if policy == PULL:
+                if args.local:
+                    pull.set_workers(n)  # workers join and leave without reconfiguring anything
+                url = f"{queue_url}/submit"
+            else:
+                url = f"{urls[max_conn[policy]]}/submit?number_backend_servers={n}&policy={policy}"
             spec = loadgen.LoadSpec(rate=rate, duration=run.duration, warmup=args.warmup,
                                     max_in_flight=args.max_in_flight, seed=args.seed)  # fmt: skip
             records, summary = loadgen.run(loadgen.Target(url, body, ctype), spec, not args.quiet, label, station=True)
             out.mkdir(parents=True, exist_ok=True)  # on demand: a run that never got this far leaves no folder
             # With one slot per server the balancer's queue is the M/M/c queue; its
             # slots are held for the service plus the dispatch round trip, as measured.
-            central = args.local and max_conn[policy] == 1 and math.isfinite(summary.upstream_mean_ms)
+            central = args.local and max_conn.get(policy) == 1 and math.isfinite(summary.upstream_mean_ms)
             overlay = overlay_columns(policy, n, rate, mean_service, exponential, summary, central, args.seed)
             row: dict[str, Any] = {
                 "servers": n,
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 "utilisation": round(rho, 4) if rho is not None else None,
                 **summary.flat(),
                 **overlay,
-                "max_conn": max_conn[policy] if args.local else None,
+                "max_conn": max_conn[policy] if args.local and policy != PULL else None,
                 "backends_used": len(summary.backends),
             }
             rows.append(row)
@@ -304,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)  # let the queues drain between runs
         stress_result = None
         if args.stress:
-            stress_result = stress(
-                f"{urls[max_conn[policies[0]]]}/submit?number_backend_servers={max(servers)}", body, ctype, args.stress
-            )
+            where = (f"{urls[max_conn[push[0]]]}/submit?number_backend_servers={max(servers)}" if push
+                     else f"{queue_url}/submit")  # fmt: skip
+            stress_result = stress(where, body, ctype, args.stress)
             print(f"stress: {args.stress} requests at once -> {stress_result}", flush=True)
             write_json(out / "stress.json", stress_result)
     write_json(out / "scaling.json", {**info, "rows": rows, "stress": stress_result})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +165,23 @@ def test_killed_script_leaves_no_servers_behind(model_dir: Path, tmp_path: Path,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_test_scaling_pull_dispatch(tmp_path: Path, model_dir: Path) -> None:
+    """--policies queue: n workers pulling from Redis, M/M/c in the overlay, beside a push policy."""
+    if not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()):
+        pytest.skip("redis-server missing: install the Debian package redis-server (./install_script.sh --dev)")
+    out = tmp_path / "pull"
+    proc = _run_script(
+        "test_scaling.py", "--local", "--servers", "1,2", "--policies", "random,queue", "--loads", "0.4",
+        "--duration", "3", "--warmup", "0.5", "--service-time", "exp:10ms", "--out", str(out), "--quiet",
+        model_dir=model_dir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "scaling.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pull = [r for r in rows if r["policy"] == "queue"]
+    assert [int(r["servers"]) for r in pull] == [1, 2] and all(int(r["errors"]) == 0 for r in rows)
+    # the workers report their drawn service times, and the theory for pull dispatch is M/M/c
+    assert all(6 < float(r["service_mean_ms"]) < 15 and r["theory_mean_ms"] != "" for r in pull)
+    assert (out / "scaling_policies.png").exists()
