@@ -7,8 +7,9 @@
 #   ./install_script.sh --tensorflow    runtime plus the keras backend
 #   ./install_script.sh --role server|balancer|client [--systemd]
 #                                       a testbed node (Ubuntu 22.04/24.04): its apt packages, the
-#                                       venv, the model for servers; --systemd installs and enables
-#                                       imgclass-<role>.service (restart on failure and at boot)
+#                                       venv, the model for servers; --systemd installs the role's
+#                                       units (imgclass-server/worker or -balancer/redis.service,
+#                                       restarted on failure; deploy enables the ones in use)
 #
 # With no internet, point IMGCLASS_MODEL_DIR at a folder holding the model files.
 set -euo pipefail
@@ -96,9 +97,13 @@ if [ -z "$role" ] || [ "$role" = server ]; then
 fi
 
 if [ $systemd = 1 ]; then
-  unit="/etc/systemd/system/imgclass-$role.service"
-  say "writing $unit"
-  .venv/bin/imgclass testbed unit --role "$role" --dir "$PWD" | as_root tee "$unit" > /dev/null
+  # a server node may run a model server or a queue worker; a balancer node the balancer (or the
+  # queue's front) and the queue's Redis: every unit is written, and deploy enables those in use
+  case "$role" in server) units="server worker" ;; balancer) units="balancer redis" ;; esac
+  for name in $units; do
+    unit="/etc/systemd/system/imgclass-$name.service"
+    say "writing $unit"
+    .venv/bin/imgclass testbed unit --role "$name" --dir "$PWD" | as_root tee "$unit" > /dev/null
+  done
   as_root systemctl daemon-reload
-  as_root systemctl enable "imgclass-$role.service"
 fi

@@ -44,6 +44,16 @@ def _worker(argv: Sequence[str]) -> int:
     return 0
 
 
+def _redis(argv: Sequence[str]) -> int:
+    from .queue import redis_server
+
+    parser = config.make_parser("imgclass redis", "Run the queue's redis-server (append-only file, every second).")
+    config.add_role_options(parser, config.REDIS)
+    ns = parser.parse_args(argv)
+    redis_server.main(ns.host, ns.port, ns.redis_dir, ns.log_level)
+    return 0
+
+
 def _up(argv: Sequence[str]) -> int:
     from . import local
 
@@ -77,6 +87,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "serve": ("run one model server (POST /predict)", _serve),
     "balance": ("run the load balancer (POST /submit, the web page), or the queue's front", _balance),
     "worker": ("run one queue worker (pulls jobs from Redis Streams)", _worker),
+    "redis": ("run the queue's redis-server, with its append-only file", _redis),
     "up": ("start N model servers and a balancer on this machine", _up),
     "testbed": ("testbed tools: rspec, hosts, emulate (see 'imgclass testbed --help')", _testbed),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),

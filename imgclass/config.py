@@ -264,8 +264,8 @@ def service_time(value: str) -> str:
 # --- the table ------------------------------------------------------------------------------
 
 # The commands that take options from the table; an option lists the ones it belongs to.
-SERVE, BALANCE, UP, WORKER = "serve", "balance", "up", "worker"
-ROLES = (SERVE, BALANCE, UP, WORKER)
+SERVE, BALANCE, UP, WORKER, REDIS = "serve", "balance", "up", "worker", "redis"
+ROLES = (SERVE, BALANCE, UP, WORKER, REDIS)
 
 
 @dataclass(frozen=True)
@@ -307,11 +307,13 @@ _BACKENDS = registry("imgclass.serving.backends", "BACKENDS")
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
-        Option("host", text, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)", _ALL),
+        Option("host", text, "127.0.0.1",
+               "address to listen on (0.0.0.0 for every interface; for redis, a comma-separated list)",
+               (*_ALL, REDIS)),
         Option("port", port, 5001, "TCP port to listen on (0 picks a free one); a worker serves /metrics there",
-               _ALL, {BALANCE: 5000, UP: 5000, WORKER: 0}),
+               (*_ALL, REDIS), {BALANCE: 5000, UP: 5000, WORKER: 0, REDIS: 6379}),
         Option("name", text, None, "name used in logs and responses (default host:port)", (SERVE, BALANCE, WORKER)),
-        Option("log_level", log_level, "INFO", "debug, info, warning or error", _ALL),
+        Option("log_level", log_level, "INFO", "debug, info, warning or error", (*_ALL, REDIS)),
         Option("http", choice("httptools", "h11"), "httptools",
                "uvicorn's HTTP parser: httptools (fastest) or h11 (also bounds the request head)", _ALL),
         # model server
@@ -374,6 +376,7 @@ OPTIONS: dict[str, Option] = {
                (BALANCE, UP, WORKER)),
         Option("max_deliveries", positive_int, 3, "times a job is delivered without a result before it fails",
                (UP, WORKER)),
+        Option("redis_dir", text, "var/redis", "folder of the queue's Redis data: its append-only file", (REDIS,)),
         Option("heartbeat_ttl", positive_float, 3.0,
                "seconds a worker's heartbeat lives; a worker silent for longer loses its jobs to the others",
                (UP, WORKER)),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,15 +16,15 @@ from ..errors import ConfigError
 # appendfsync everysec: an acknowledged job survives a crash of Redis itself (the process), and at
 # most about one second of acknowledged writes is lost if the machine dies (README).
 CONFIG = """
-bind 127.0.0.1
+bind {bind}
 port {port}
 dir {dir}
 appendonly yes
 appendfsync everysec
 save ""
 daemonize no
-protected-mode yes
-loglevel warning
+protected-mode {protected}
+loglevel {loglevel}
 maxmemory-policy noeviction
 """
 
@@ -43,6 +45,28 @@ def find_redis_server() -> str:
     return binary
 
 
+def render(addresses: list[str], port: int, directory: Path, log_level: str = "WARNING") -> str:
+    """redis.conf for our queue. Bound to other addresses than loopback (a testbed's data plane, which
+    only the slice reaches), protected mode is off: Redis would otherwise refuse every remote client."""
+    loopback_only = all(a in ("127.0.0.1", "::1", "localhost") for a in addresses)
+    levels = {"DEBUG": "debug", "INFO": "notice", "WARNING": "warning", "ERROR": "warning"}
+    return CONFIG.format(bind=" ".join(addresses), port=port, dir=directory.resolve(),
+                         protected="yes" if loopback_only else "no", loglevel=levels.get(log_level, "warning"))  # fmt: skip
+
+
+def main(host: str, port: int, directory: str, log_level: str) -> None:
+    """`imgclass redis`: the queue's redis-server in the foreground (for nohup or a systemd unit)."""
+    binary = find_redis_server()
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "redis.conf"
+    addresses = [a for a in host.replace(",", " ").split() if a]
+    conf.write_text(render(addresses, port, folder, log_level))
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} redis redis listening url=redis://{addresses[0]}:{port}/0",
+          file=sys.stderr, flush=True)  # fmt: skip
+    os.execv(binary, [binary, str(conf.resolve())])
+
+
 class RedisServer:
     """Started in `directory` (kept across restarts: its AOF is the queue); `stop()` always ends it."""
 
@@ -57,7 +81,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> str:
         self._close_pipe()  # of an earlier run, when restarted
         conf = self.directory / "redis.conf"
-        conf.write_text(CONFIG.format(port=self.port, dir=self.directory))
+        conf.write_text(render(["127.0.0.1"], self.port, self.directory))
         self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout

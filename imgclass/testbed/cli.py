@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .inventory import cluster_from_manifest
 from .rspec import DEFAULT_IMAGE, DEFAULT_SERVERS, request_rspec
 from .topology import star
-from .unit import systemd_unit
+from .unit import COMMANDS, systemd_unit
 
 
 def servers_arg(value: str) -> int:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     rspec.add_argument("--image", default=DEFAULT_IMAGE, help="disk image URN [default Ubuntu 22.04]")
     rspec.add_argument("-o", "--output", help="file to write [default stdout]")
     unit = parsers["unit"]
-    unit.add_argument("--role", choices=("server", "balancer"), required=True)
+    unit.add_argument("--role", choices=tuple(COMMANDS), required=True)
     unit.add_argument("--dir", required=True, help="the project folder on the node")
     hosts = parsers["hosts"]
     hosts.add_argument("manifest", help="the manifest XML saved from the portal")

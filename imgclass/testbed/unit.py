@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+# The processes a node may run, each under a unit of its own: a model server or a queue worker on a
+# server node; the balancer (or the queue's front) and the queue's Redis on the balancer node.
+COMMANDS = {"server": "serve", "worker": "worker", "balancer": "balance", "redis": "redis"}
+UNITS_OF_ROLE = {"server": ("server", "worker"), "balancer": ("balancer", "redis")}
+
 
 def systemd_unit(role: str, directory: str) -> str:
-    """A unit that restarts the role on failure and at boot; options come from IMGCLASS_* variables."""
-    command = "serve" if role == "server" else "balance"
+    """A unit that restarts the process on failure and at boot; options come from IMGCLASS_* variables."""
+    command = COMMANDS[role]
     return f"""[Unit]
 Description=imgclass {role}
 After=network-online.target

@@ -79,12 +79,13 @@ LogLevel ERROR
 
 
 def _cluster(tmp_path: Path, ssh_port: str, user: str) -> tuple[Path, int, int]:
-    server_port, balancer_port = _free_port(), _free_port()
+    server_port, balancer_port, redis_port = _free_port(), _free_port(), _free_port()
     nodes = [
         {"role": "server", "name": "server1", "control_host": "127.0.0.1", "control_port": int(ssh_port),
          "user": user, "data_ip": "127.0.0.1", "service_port": server_port, "remote_dir": str(tmp_path / "node1")},
         {"role": "balancer", "name": "balancer", "control_host": "127.0.0.1", "control_port": int(ssh_port),
-         "user": user, "service_port": balancer_port, "remote_dir": str(tmp_path / "node2")},
+         "user": user, "service_port": balancer_port, "remote_dir": str(tmp_path / "node2"),
+         "redis_port": redis_port},
     ]  # fmt: skip
     path = tmp_path / "cluster.json"
     path.write_text(json.dumps({"nodes": nodes}))
@@ -104,6 +105,10 @@ def test_dry_run_prints_every_command_and_touches_nothing(tmp_path: Path, sshd: 
     assert out.count("tar -czf -") == 2 and out.count("install_script.sh --role") == 2
     assert "imgclass serve" in out and "imgclass balance" in out and f"-p {sshd['port']}" in out
     assert not (tmp_path / "node1").exists() and not (tmp_path / "node2").exists()
+    queue = _testbed("deploy", "--cluster", str(cluster), "--key", sshd["key"], "--dry-run", "--dispatch", "queue")
+    assert queue.returncode == 0, queue.stderr
+    assert "imgclass redis" in queue.stdout and "imgclass worker" in queue.stdout and "imgclass serve" not in queue.stdout
+    assert "--dispatch queue" in queue.stdout
 
 
 def test_deploy_status_stop_against_a_real_sshd(
@@ -127,6 +132,15 @@ def test_deploy_status_stop_against_a_real_sshd(
         status = _testbed("status", *common, timeout=120)
         assert status.returncode == 0, status.stderr
         assert "server1" in status.stdout and "balancer" in status.stdout and "down" not in status.stdout
+        # the same nodes, redeployed in queue mode: Redis and the front on the balancer, a worker on the server
+        proc = _testbed("deploy", *common, "--model-dir", str(model_dir), "--dispatch", "queue")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        with urllib.request.urlopen(req, timeout=30) as response:
+            doc = json.loads(response.read())
+        assert doc["predictions"][0]["index"] == 88 and doc["worker"] == "server1"
+        status = _testbed("status", *common, "--dispatch", "queue", timeout=120)
+        assert status.returncode == 0 and "down" not in status.stdout, status.stdout + status.stderr
+        assert (tmp_path / "node2" / "var" / "redis" / "redis.conf").exists()
     finally:
         stop = _testbed("stop", *common, timeout=120)
     assert stop.returncode == 0, stop.stderr
@@ -134,5 +148,7 @@ def test_deploy_status_stop_against_a_real_sshd(
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), 1).close()
     assert not (tmp_path / "node1" / "imgclass-server.pid").exists()
+    assert not (tmp_path / "node1" / "imgclass-worker.pid").exists()
+    assert not (tmp_path / "node2" / "imgclass-redis.pid").exists()
     after = _testbed("status", *common, timeout=120)
     assert after.returncode == 1 and "down" in after.stdout
