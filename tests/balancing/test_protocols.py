@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import json
+import os
+import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +31,10 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster(spawn: Callable[..., Child]) -> tuple[str, list[str]]:
-    """Two litert servers of one inference thread each, and a balancer in front of them."""
-    servers = [spawn("serve", "--port", "0", "--threads", "1", "--name", f"oip{i}", "--log-level", "warning").url
-               for i in (1, 2)]  # fmt: skip
+    """Two litert servers of one inference thread each, and a balancer in front of them; their queues
+    do not shed (perf_analyzer stops at the first error, and a Poisson burst on a busy host may be one)."""
+    servers = [spawn("serve", "--port", "0", "--threads", "1", "--name", f"oip{i}", "--log-level", "warning",
+                     "--max-wait-ms", "0", "--max-queue", "64").url for i in (1, 2)]  # fmt: skip
     front = spawn("balance", "--port", "0", "--backends", ",".join(servers), "--health-interval", "0.2",
                   "--policy", "round_robin", "--log-level", "warning").url  # fmt: skip
     return front, servers  # type: ignore[return-value]
@@ -161,3 +166,38 @@ def test_forwarded_binary_answer_keeps_its_header_length(cluster: tuple[str, lis
     assert json.loads(body[:length])["outputs"][0]["parameters"]["binary_data_size"] == 4000
     probs = np.frombuffer(body[length:], dtype="<f4")
     assert int(probs.argmax()) == PHOTOS["bird.bmp"]
+
+
+def perf_analyzer() -> tuple[str, dict[str, str]]:
+    """Triton's perf_analyzer, as bench/peers.py installs it (tritonclient 2.51.0 in .peer-venvs/perf)."""
+    venv = Path(__file__).resolve().parents[2] / ".peer-venvs" / "perf"
+    binary = venv / "bin" / "perf_analyzer"
+    cudart = next(venv.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"), None)
+    if not binary.exists() or cudart is None:
+        pytest.skip("perf_analyzer is not installed: bench/peers.py creates .peer-venvs/perf with it")
+    return str(binary), {**os.environ, "LD_LIBRARY_PATH": str(cudart)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_perf_analyzer_directly_and_through_the_balancer(
+    cluster: tuple[str, list[str]], images_dir: Path, tmp_path: Path
+) -> None:
+    binary, env = perf_analyzer()
+    data = (images_dir / "parrot.jpg").read_bytes()
+    element = base64.b64encode(struct.pack("<I", len(data)) + data).decode()  # as Triton serializes BYTES
+    (tmp_path / "data.json").write_text(json.dumps({"data": [{"image": {"b64": element}}]}))
+    front, servers = cluster
+    for url in (servers[0], front):
+        out = tmp_path / "pa.csv"
+        done = subprocess.run(
+            [binary, "-m", MODEL, "-u", url.removeprefix("http://"), "-i", "http", "--input-data",
+             str(tmp_path / "data.json"), "--request-rate-range", "20", "--request-distribution", "poisson",
+             "--measurement-mode", "count_windows", "--measurement-request-count", "40", "--max-trials", "3",
+             "--stability-percentage", "1000", "-f", str(out)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        row = next(csv.DictReader(out.read_text().splitlines()))
+        assert float(row["Inferences/Second"]) > 5 and float(row["p50 latency"]) > 0, row
+        assert "Server:" in done.stdout and "compute infer" in done.stdout  # it read our statistics
