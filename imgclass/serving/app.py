@@ -50,6 +50,9 @@ class ModelServer:
             "imgclass_server_requests", "Requests by route and status", ["route", "status"], self.registry
         )
         self.latency = Buckets("imgclass_server_predict_seconds", "POST /predict latency", LATENCY_BUCKETS, self.registry)
+        # per image, decode and its share of the batch's inference: what an autoscaler takes as 1 / mu
+        self.service = Buckets("imgclass_server_service_seconds", "Service time per image, without queueing",
+                               LATENCY_BUCKETS, self.registry)  # fmt: skip
         self.batch_sizes = Histogram(
             "imgclass_server_batch_size", "Images per inference batch",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
@@ -130,6 +133,7 @@ async def predict(server: ModelServer, request: Request) -> Response:
     result = await server.batcher.submit(Job(data, top))
     total_ms = (time.perf_counter() - start) * 1000
     server.latency.observe(total_ms / 1000)
+    server.service.observe((result.decode_ms + result.infer_ms / result.batch_size) / 1000)
     return json_response(server.response_body(result, total_ms), headers={"X-Served-By": server.name})
 
 
