@@ -54,6 +54,15 @@ def _redis(argv: Sequence[str]) -> int:
     return 0
 
 
+def _autoscale(argv: Sequence[str]) -> int:
+    from .autoscale import service
+
+    parser = config.make_parser("imgclass autoscale", "Size a pool of queue workers or model servers to the load.")
+    config.add_role_options(parser, config.AUTOSCALE)
+    service.main(service.AutoscaleSettings.from_namespace(parser.parse_args(argv)))
+    return 0
+
+
 def _up(argv: Sequence[str]) -> int:
     from . import local
 
@@ -88,6 +97,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "balance": ("run the load balancer (POST /submit, the web page), or the queue's front", _balance),
     "worker": ("run one queue worker (pulls jobs from Redis Streams)", _worker),
     "redis": ("run the queue's redis-server, with its append-only file", _redis),
+    "autoscale": ("size a pool of workers or servers to the load (queue depth, target tracking, an SLO)", _autoscale),
     "up": ("start N model servers and a balancer on this machine", _up),
     "testbed": ("testbed tools: rspec, hosts, emulate (see 'imgclass testbed --help')", _testbed),
     "fetch-model": ("download the model files and check their sha256", _fetch_model),

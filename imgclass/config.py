@@ -84,6 +84,25 @@ def percent(value: str) -> int:
     return number
 
 
+def fraction(value: str) -> float:
+    what = "give a number from 0 to 1, such as 0.95"
+    number = _number(value, what)
+    if not 0 <= number < 1:
+        raise ValueError(what)
+    return number
+
+
+def min_max(value: str) -> tuple[int, int]:
+    what = "give MIN:MAX, two whole numbers with 1 <= MIN <= MAX, such as 1:8"
+    low, sep, high = value.partition(":")
+    if not sep:
+        raise ValueError(f"{value!r} is not MIN:MAX; {what}")
+    lo, hi = _whole(low, what), _whole(high, what)
+    if not 1 <= lo <= hi:
+        raise ValueError(what)
+    return lo, hi
+
+
 def integer(text: str) -> int:
     return _whole(text, "give a whole number such as 1")
 
@@ -264,8 +283,8 @@ def service_time(value: str) -> str:
 # --- the table ------------------------------------------------------------------------------
 
 # The commands that take options from the table; an option lists the ones it belongs to.
-SERVE, BALANCE, UP, WORKER, REDIS = "serve", "balance", "up", "worker", "redis"
-ROLES = (SERVE, BALANCE, UP, WORKER, REDIS)
+SERVE, BALANCE, UP, WORKER, REDIS, AUTOSCALE = "serve", "balance", "up", "worker", "redis", "autoscale"
+ROLES = (SERVE, BALANCE, UP, WORKER, REDIS, AUTOSCALE)
 
 
 @dataclass(frozen=True)
@@ -278,6 +297,7 @@ class Option:
     help: str
     roles: tuple[str, ...] = ()
     role_defaults: Mapping[str, Any] = field(default_factory=dict)  # e.g. port 5000 for the balancer
+    role_flags: Mapping[str, str] = field(default_factory=dict)  # e.g. --policy for `imgclass autoscale`
 
     @property
     def flag(self) -> str:
@@ -292,15 +312,19 @@ class Option:
         names = getattr(self.parse, "names", None)
         return self.help.format(choices=", ".join(names())) if names else self.help
 
+    def flag_for(self, role: str | None) -> str:
+        return self.role_flags.get(role, self.flag) if role else self.flag
+
     def default_for(self, role: str | None) -> Any:
         return self.role_defaults.get(role, self.default) if role else self.default
 
 
 _ALL = (SERVE, BALANCE, UP, WORKER)
 _SERVER = (SERVE, UP)
-_MODEL = (SERVE, UP, WORKER)  # what loads and runs the model: a model server or a queue worker
+_MODEL = (SERVE, UP, WORKER, AUTOSCALE)  # what loads and runs the model, or starts what does
 _BALANCER = (BALANCE, UP)
 _POLICIES = registry("imgclass.balancing.policies", "POLICIES")
+_SCALING = registry("imgclass.autoscale.policies", "POLICIES")
 _BACKENDS = registry("imgclass.serving.backends", "BACKENDS")
 
 # The single table of defaults. README's "Configuration" section is checked against it by a test.
@@ -309,11 +333,11 @@ OPTIONS: dict[str, Option] = {
     for o in [
         Option("host", text, "127.0.0.1",
                "address to listen on (0.0.0.0 for every interface; for redis, a comma-separated list)",
-               (*_ALL, REDIS)),
+               (*_ALL, REDIS, AUTOSCALE)),
         Option("port", port, 5001, "TCP port to listen on (0 picks a free one); a worker serves /metrics there",
-               (*_ALL, REDIS), {BALANCE: 5000, UP: 5000, WORKER: 0, REDIS: 6379}),
+               (*_ALL, REDIS, AUTOSCALE), {BALANCE: 5000, UP: 5000, WORKER: 0, REDIS: 6379, AUTOSCALE: 0}),
         Option("name", text, None, "name used in logs and responses (default host:port)", (SERVE, BALANCE, WORKER)),
-        Option("log_level", log_level, "INFO", "debug, info, warning or error", (*_ALL, REDIS)),
+        Option("log_level", log_level, "INFO", "debug, info, warning or error", (*_ALL, REDIS, AUTOSCALE)),
         Option("http", choice("httptools", "h11"), "httptools",
                "uvicorn's HTTP parser: httptools (fastest) or h11 (also bounds the request head)", _ALL),
         # model server
@@ -336,7 +360,7 @@ OPTIONS: dict[str, Option] = {
         Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE, WORKER)),
         Option("service_time", service_time, "exp:20ms",
                "sleep backend only: exp:20ms, const:5ms or lognormal:20ms,0.5", _MODEL),
-        Option("seed", integer, None, "seed for the random choices (service times, dispatch)", _ALL),
+        Option("seed", integer, None, "seed for the random choices (service times, dispatch)", (*_ALL, AUTOSCALE)),
         # balancer
         Option("backends", url_list, None, "comma-separated model server URLs", (BALANCE,)),
         Option("backends_file", text, None, "file with one model server URL per line", (BALANCE,)),
@@ -365,21 +389,53 @@ OPTIONS: dict[str, Option] = {
                _BALANCER),
         Option("queue_timeout", positive_float, 10.0, "seconds a request may wait at the balancer before 503",
                _BALANCER),
-        Option("admin_token", text, None, "bearer token for POST/DELETE /backends (unset: disabled)", _BALANCER),
+        Option("admin_token", text, None, "bearer token for POST/DELETE /backends (unset: disabled)",
+               (*_BALANCER, AUTOSCALE)),
         # queue mode (pull dispatch)
         Option("dispatch", choice("push", "queue"), "push",
-               "push: the balancer sends each request to a server; queue: workers pull jobs from Redis", _BALANCER),
+               "push: the balancer sends each request to a server; queue: workers pull jobs from Redis",
+               (*_BALANCER, AUTOSCALE)),
         Option("redis", redis_url, None,
                "Redis URL of the job queue, e.g. redis://10.10.5.2:6379/0 (queue mode; 'imgclass up' starts "
-               "its own when unset)", (BALANCE, UP, WORKER)),
+               "its own when unset)", (BALANCE, UP, WORKER, AUTOSCALE)),
         Option("result_ttl", non_negative_int, 604_800, "seconds a job's result is kept (0 = forever)",
-               (BALANCE, UP, WORKER)),
+               (BALANCE, UP, WORKER, AUTOSCALE)),
         Option("max_deliveries", positive_int, 3, "times a job is delivered without a result before it fails",
-               (UP, WORKER)),
+               (UP, WORKER, AUTOSCALE)),
         Option("redis_dir", text, "var/redis", "folder of the queue's Redis data: its append-only file", (REDIS,)),
         Option("heartbeat_ttl", positive_float, 3.0,
                "seconds a worker's heartbeat lives; a worker silent for longer loses its jobs to the others",
-               (UP, WORKER)),
+               (UP, WORKER, AUTOSCALE)),
+        # autoscaling
+        Option("autoscale", min_max, None, "MIN:MAX: 'imgclass up' sizes the workers or servers to the load",
+               (UP,)),
+        Option("autoscale_policy", _SCALING, "slo", "scaling policy: {choices}", (UP, AUTOSCALE),
+               role_flags={AUTOSCALE: "--policy"}),
+        Option("scale_min", positive_int, 1, "fewest workers or servers", (AUTOSCALE,),
+               role_flags={AUTOSCALE: "--min"}),
+        Option("scale_max", positive_int, 8, "most workers or servers", (AUTOSCALE,),
+               role_flags={AUTOSCALE: "--max"}),
+        Option("scale_interval", positive_float, 2.0, "seconds between two evaluations of the autoscaler",
+               (UP, AUTOSCALE), role_flags={AUTOSCALE: "--interval"}),
+        Option("per_worker", positive_float, 5.0, "queue_depth policy: jobs in the queue per worker", (UP, AUTOSCALE)),
+        Option("target_load", positive_float, 2.0, "target policy: requests in flight or queued per worker",
+               (UP, AUTOSCALE), role_flags={AUTOSCALE: "--target"}),
+        Option("tolerance", non_negative_float, 0.1, "target policy: no change within this share of the target",
+               (UP, AUTOSCALE)),
+        Option("upscale_delay", non_negative_float, 30.0,
+               "target policy: seconds of steady demand before scaling up (Ray Serve's upscale_delay_s)",
+               (UP, AUTOSCALE)),
+        Option("downscale_window", non_negative_float, 300.0,
+               "target and slo policies: scaling down takes the highest recommendation of this many seconds",
+               (UP, AUTOSCALE)),
+        Option("slo_ms", positive_float, 500.0, "slo policy: the latency objective, in ms", (UP, AUTOSCALE)),
+        Option("slo_quantile", fraction, 0.95,
+               "slo policy: size for this quantile of the time in system (0 = for the mean)", (UP, AUTOSCALE)),
+        Option("headroom", positive_float, 1.25, "slo policy: size for slo-ms divided by this", (UP, AUTOSCALE)),
+        Option("rate_window", positive_float, 10.0, "seconds over which arrival and service rates are smoothed",
+               (UP, AUTOSCALE), role_flags={AUTOSCALE: "--window"}),
+        Option("balancer_url", url, None, "push mode: the balancer whose servers the autoscaler sizes",
+               (AUTOSCALE,), role_flags={AUTOSCALE: "--balancer"}),
         # local cluster
         Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts", (UP,)),
         Option("workers", positive_int, 2, "number of queue workers 'imgclass up --dispatch queue' starts", (UP,)),
@@ -432,7 +488,7 @@ def add_options(
 
         typed.__name__ = option.parse.__name__
         parser.add_argument(
-            option.flag,
+            option.flag_for(role),
             dest=name,
             type=typed,
             default=default,

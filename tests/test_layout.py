@@ -20,6 +20,7 @@ LAYERS = [
     ["imgclass.queue"],
     ["imgclass.local"],
     ["imgclass.measure"],
+    ["imgclass.autoscale"],
     ["imgclass.cli", "imgclass.__main__", "imgclass"],
 ]
 

@@ -75,7 +75,7 @@ class Keys:
         return f"{self.prefix}:worker:*"
 
 
-# KEYS: jobs stream, job hash, image. ARGV: id, image, created, top, max queue, image ttl, request id.
+# KEYS: jobs stream, job hash, image, stats. ARGV: id, image, created, top, max queue, image ttl, request id.
 # Returns 1 (queued), 0 (the queue is full), -1 (the id exists already).
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
@@ -84,6 +84,7 @@ redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[6])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'status', 'queued', 'created', ARGV[3], 'top', ARGV[4],
            'request_id', ARGV[7])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'enqueued', 1)
 return 1
 """
 
@@ -113,6 +114,7 @@ if status ~= false and status ~= 'done' and status ~= 'failed' then
     redis.call('XADD', KEYS[5], '*', 'id', ARGV[9], 'error', ARGV[5], 'worker', ARGV[6])
     redis.call('HINCRBY', KEYS[6], 'dead_lettered', 1)
   end
+  redis.call('HINCRBY', KEYS[6], 'finished', 1)
   wrote = 1
 end
 redis.call('DEL', KEYS[3])
@@ -180,7 +182,7 @@ class Broker:
         k = self.keys
         return int(
             await self._enqueue(
-                keys=[k.jobs, k.job(job_id), k.image(job_id)],
+                keys=[k.jobs, k.job(job_id), k.image(job_id), k.stats],
                 args=[job_id, image, repr(time.time()), top, max_queue, max(1, image_ttl), request_id],
             )
         )

@@ -72,6 +72,7 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self.next_reclaim = 0.0
+        self.service_s: float | None = None  # EWMA of seconds per job when busy: the autoscaler's mu
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = CollectorRegistry()
         self.jobs = Counts("imgclass_worker_jobs", "Jobs finished by this worker, by outcome", ["outcome"],
@@ -91,6 +92,7 @@ class Worker:
             "name": self.name, "url": self.url, "backend": self.settings.backend, "model": self.backend.model_name,
             "max_batch": self.max_batch, "started": self.started, "processed": self.processed,
             "failed": self.failed, "in_batch": self.in_batch, "pid": os.getpid(), "host": socket.gethostname(),
+            "service_s": self.service_s,
         }  # fmt: skip
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -189,8 +191,11 @@ class Worker:
         except Exception as exc:  # an engine failure fails the batch; the jobs are not lost
             self.logger.error("batch_failed", type=type(exc).__name__, message=str(exc))
             results = [exc] * len(batch.jobs)
-        self.infer_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.infer_seconds.observe(elapsed)
         self.batch_sizes.observe(len(batch.jobs))
+        per_job = elapsed / max(1, len(batch.jobs))
+        self.service_s = per_job if self.service_s is None else 0.8 * self.service_s + 0.2 * per_job
         return results  # type: ignore[return-value]
 
     async def _write(self, batch: Batch, results: list[Result | Exception]) -> None:

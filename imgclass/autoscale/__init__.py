@@ -1,0 +1,1 @@
+"""Autoscaling: a controller that sizes the pool of workers or model servers to the load."""

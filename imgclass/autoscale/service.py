@@ -1,0 +1,152 @@
+"""`imgclass autoscale`: the controller as a process, with its policy, signals, actuator and /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .. import config, log
+from ..errors import ConfigError
+from ..queue.broker import Broker, client
+from ..web.app import App, Limits, Request, Response, json_response
+from ..web.metrics import healthz, metrics_handler
+from ..web.server import ServerOptions, bind_socket, serve, socket_url
+from .actuators import Actuator, LocalServers, LocalWorkers
+from .controller import Controller
+from .policies import Bounds, QueueDepth, ScalingPolicy, SloSizing, TargetTracking
+from .signals import PushSignals, QueueSignals, Signals
+
+
+@dataclass(frozen=True)
+class AutoscaleSettings:
+    host: str
+    port: int
+    log_level: str
+    backend: str
+    model_dir: str
+    max_batch: int
+    service_time: str
+    seed: int | None
+    admin_token: str | None
+    dispatch: str
+    redis: str | None
+    result_ttl: int
+    max_deliveries: int
+    heartbeat_ttl: float
+    autoscale_policy: str
+    scale_min: int
+    scale_max: int
+    scale_interval: float
+    per_worker: float
+    target_load: float
+    tolerance: float
+    upscale_delay: float
+    downscale_window: float
+    slo_ms: float
+    slo_quantile: float
+    headroom: float
+    rate_window: float
+    balancer_url: str | None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> AutoscaleSettings:
+        values = {f.name: getattr(ns, f.name) for f in fields(cls)}
+        settings = cls(**values)
+        if settings.scale_min > settings.scale_max:
+            raise ConfigError(f"--min {settings.scale_min} is above --max {settings.scale_max}; swap them.")
+        if settings.dispatch == "queue" and not settings.redis:
+            raise ConfigError("queue mode: pass --redis redis://HOST:PORT/0, the queue whose workers to size.")
+        if settings.dispatch == "push" and not (settings.balancer_url and settings.admin_token):
+            raise ConfigError("push mode: pass --balancer URL and --admin-token (or IMGCLASS_ADMIN_TOKEN), "
+                              "to add and remove servers through the balancer's admin API.")  # fmt: skip
+        return settings
+
+    @classmethod
+    def make(cls, **overrides: object) -> AutoscaleSettings:
+        values = {f.name: config.OPTIONS[f.name].default_for(config.AUTOSCALE) for f in fields(cls)}
+        return cls(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+def make_policy(settings: AutoscaleSettings) -> ScalingPolicy:
+    bounds = Bounds(settings.scale_min, settings.scale_max)
+    if settings.autoscale_policy == "queue_depth":
+        return QueueDepth(bounds, settings.per_worker)
+    if settings.autoscale_policy == "target":
+        return TargetTracking(bounds, settings.target_load, settings.tolerance, settings.upscale_delay,
+                              settings.downscale_window)  # fmt: skip
+    return SloSizing(bounds, settings.slo_ms / 1000, settings.headroom, settings.slo_quantile or None,
+                     settings.downscale_window)  # fmt: skip
+
+
+def model_args(settings: AutoscaleSettings) -> list[str]:
+    args = ["--backend", settings.backend, "--model-dir", settings.model_dir, "--service-time", settings.service_time,
+            "--log-level", settings.log_level]  # fmt: skip
+    if settings.max_batch:
+        args += ["--max-batch", str(settings.max_batch)]
+    if settings.seed is not None:
+        args += ["--seed", str(settings.seed)]
+    return args
+
+
+def build(settings: AutoscaleSettings, logger: log.EventLogger) -> Controller:
+    signals: Signals
+    actuator: Actuator
+    if settings.dispatch == "queue":
+        assert settings.redis is not None
+        signals = QueueSignals(Broker(client(settings.redis, timeout=1.0)), settings.rate_window)
+        actuator = LocalWorkers(["worker", "--host", "127.0.0.1", "--port", "0", "--redis", settings.redis,
+                                 "--heartbeat-ttl", str(settings.heartbeat_ttl), "--max-deliveries",
+                                 str(settings.max_deliveries), "--result-ttl", str(settings.result_ttl),
+                                 *model_args(settings)], logger)  # fmt: skip
+    else:
+        assert settings.balancer_url is not None and settings.admin_token is not None
+        signals = PushSignals(settings.balancer_url, settings.rate_window)
+        actuator = LocalServers(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *model_args(settings)],
+                                settings.balancer_url, settings.admin_token, logger)  # fmt: skip
+    return Controller(make_policy(settings), signals, actuator, settings.scale_interval, logger)
+
+
+def create_app(settings: AutoscaleSettings, name: str) -> App:
+    """The controller runs with this small app: /metrics (desired, current, decisions), / and /healthz."""
+    logger = log.get_logger(name, "autoscale", settings.log_level)
+    controller = build(settings, logger)
+    app = App(logger, Limits(max_upload=1))
+    app.state = controller
+    stop = asyncio.Event()
+    task: dict[str, asyncio.Task[None]] = {}
+
+    async def info(request: Request) -> Response:
+        last = controller.last
+        doc: dict[str, Any] = {"policy": controller.policy.name, "desired": controller.desired,
+                               "current": controller.actuator.ready, "reason": last.reason if last else None}  # fmt: skip
+        return json_response(doc)
+
+    async def start() -> None:
+        task["run"] = asyncio.create_task(controller.run(stop))
+
+    async def shutdown() -> None:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task["run"]
+        await controller.close()
+
+    app.route("GET", "/", info)
+    app.route("GET", "/healthz", healthz)
+    app.route("GET", "/metrics", metrics_handler(controller.registry))
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    return app
+
+
+def main(settings: AutoscaleSettings) -> None:
+    from ..web.server import run
+
+    sock = bind_socket(settings.host, settings.port)
+    name = f"autoscale-{socket_url(sock).rsplit(':', 1)[1]}"
+    app = create_app(settings, name)
+    # Its children (workers, servers) do not outlive it: they are stopped in the app's shutdown, and
+    # die with it if it is killed (process.Child asks Linux for that).
+    run(serve(app, sock, ServerOptions()))

@@ -1,0 +1,126 @@
+"""What the controller measures: the backlog, the arrival rate and one worker's service rate.
+
+Queue mode reads Redis: the consumer group's lag plus its pending entries (KEDA's redis-streams
+scaler uses the same two), the enqueued and finished counters, and the service time each worker
+reports in its heartbeat. Push mode reads the balancer's /metrics (requests in flight and queued,
+requests answered) and each model server's own service time.
+Rates are smoothed with an exponentially weighted moving average whose time constant is --window.
+A source that cannot be read gives no observation: the controller then holds the pool as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import ABC, abstractmethod
+
+import aiohttp
+from redis.exceptions import RedisError
+
+from ..queue.broker import Broker
+from .policies import Observation
+
+
+class Rate:
+    """Events per second from a monotonically growing counter, smoothed over `window` seconds."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.last: tuple[float, float] | None = None
+        self.value: float | None = None
+
+    def update(self, now: float, count: float) -> float | None:
+        if self.last is not None and now > self.last[0]:
+            instant = max(0.0, count - self.last[1]) / (now - self.last[0])
+            weight = 1 - math.exp(-(now - self.last[0]) / self.window)
+            self.value = instant if self.value is None else self.value + weight * (instant - self.value)
+        self.last = (now, count)
+        return self.value
+
+
+class Signals(ABC):
+    @abstractmethod
+    async def observe(self, current: int) -> Observation | None:
+        """One observation, or None if the source cannot be read now."""
+
+    async def close(self) -> None:
+        return None
+
+
+class QueueSignals(Signals):
+    """From Redis: lag + pending, the arrival rate (enqueued), and mu from the workers' heartbeats."""
+
+    def __init__(self, broker: Broker, window: float) -> None:
+        self.broker = broker
+        self.arrivals = Rate(window)
+        self.completions = Rate(window)
+
+    async def observe(self, current: int) -> Observation | None:
+        now = time.monotonic()
+        try:
+            depth = await self.broker.depth()
+            stats = await self.broker.stats()
+            workers = await self.broker.workers()
+        except RedisError:
+            return None
+        arrival = self.arrivals.update(now, stats.get("enqueued", 0))
+        self.completions.update(now, stats.get("finished", 0))
+        times = [w["service_s"] for w in workers if w.get("service_s")]
+        service_rate = 1 / (sum(times) / len(times)) if times else None
+        return Observation(now, current, float(depth["lag"] + depth["pending"]), arrival, service_rate)
+
+    async def close(self) -> None:
+        await self.broker.redis.aclose()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text: every sample summed by metric name (labels dropped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+class PushSignals(Signals):
+    """From the balancer's /metrics and /backends, and each model server's service time."""
+
+    def __init__(self, balancer_url: str, window: float) -> None:
+        self.balancer_url = balancer_url.rstrip("/")
+        self.arrivals = Rate(window)
+        self.session: aiohttp.ClientSession | None = None
+        self.timeout = aiohttp.ClientTimeout(total=2.0)
+
+    async def observe(self, current: int) -> Observation | None:
+        now = time.monotonic()
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=self.timeout)
+        try:
+            async with self.session.get(self.balancer_url + "/metrics") as response:
+                metrics = parse_metrics(await response.text())
+            async with self.session.get(self.balancer_url + "/backends") as response:
+                backends = json.loads(await response.read())
+            service_times = []
+            for backend in backends:
+                async with self.session.get(backend["url"] + "/metrics") as response:
+                    server = parse_metrics(await response.text())
+                if server.get("imgclass_server_service_seconds_count"):
+                    service_times.append(server["imgclass_server_service_seconds_sum"]
+                                         / server["imgclass_server_service_seconds_count"])  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            return None
+        depth = metrics.get("imgclass_balancer_in_flight", 0.0) + metrics.get("imgclass_balancer_queued", 0.0)
+        arrival = self.arrivals.update(now, metrics.get("imgclass_balancer_requests_total", 0.0))
+        service_rate = 1 / (sum(service_times) / len(service_times)) if service_times else None
+        return Observation(now, current, depth, arrival, service_rate)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
