@@ -426,9 +426,12 @@ OPTIONS: dict[str, Option] = {
                "target policy: seconds of steady demand before scaling up (Ray Serve's upscale_delay_s)",
                (UP, AUTOSCALE)),
         Option("downscale_window", non_negative_float, 300.0,
-               "target and slo policies: scaling down takes the highest recommendation of this many seconds",
+               "target policy: scaling down takes the highest recommendation of this many seconds (the HPA's 300)",
                (UP, AUTOSCALE)),
         Option("slo_ms", positive_float, 500.0, "slo policy: the latency objective, in ms", (UP, AUTOSCALE)),
+        Option("slo_downscale_window", non_negative_float, 30.0,
+               "slo policy: scaling down takes the highest size of this many seconds (its rates are smoothed "
+               "already)", (UP, AUTOSCALE)),
         Option("slo_quantile", fraction, 0.95,
                "slo policy: size for this quantile of the time in system (0 = for the mean)", (UP, AUTOSCALE)),
         Option("headroom", positive_float, 1.25, "slo policy: size for slo-ms divided by this", (UP, AUTOSCALE)),

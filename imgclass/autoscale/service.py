@@ -46,6 +46,7 @@ class AutoscaleSettings:
     upscale_delay: float
     downscale_window: float
     slo_ms: float
+    slo_downscale_window: float
     slo_quantile: float
     headroom: float
     rate_window: float
@@ -78,7 +79,7 @@ def make_policy(settings: AutoscaleSettings) -> ScalingPolicy:
         return TargetTracking(bounds, settings.target_load, settings.tolerance, settings.upscale_delay,
                               settings.downscale_window)  # fmt: skip
     return SloSizing(bounds, settings.slo_ms / 1000, settings.headroom, settings.slo_quantile or None,
-                     settings.downscale_window)  # fmt: skip
+                     settings.slo_downscale_window)  # fmt: skip
 
 
 def model_args(settings: AutoscaleSettings) -> list[str]:

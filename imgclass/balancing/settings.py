@@ -60,10 +60,11 @@ class BalancerSettings:
         if ns.dispatch == "queue":
             if not ns.redis:
                 raise ConfigError("--dispatch queue needs the job queue: pass --redis redis://HOST:PORT/0 (or IMGCLASS_REDIS).")
-        elif not backends:
+        elif not backends and not ns.admin_token:
             raise ConfigError(
                 "no backends: pass --backends URL,URL, --backends-file FILE or --cluster cluster.json "
-                "(or IMGCLASS_BACKENDS), or --dispatch queue --redis URL for pull dispatch."
+                "(or IMGCLASS_BACKENDS), or --dispatch queue --redis URL for pull dispatch, or --admin-token "
+                "to start empty and add them through POST /backends (as the autoscaler does)."
             )
         values = {f.name: getattr(ns, f.name) for f in fields(cls) if f.name != "backends"}
         return cls(backends=backends, **values)

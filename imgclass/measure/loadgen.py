@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clients import CLIENTS, ERRORS, GeneratorClient, LeanClient, classify_error
+from .schedule import Schedule
 from .stats import DROPPED, Records, RunSummary, summarize
 
 
@@ -75,12 +76,13 @@ class Target:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    rate: float  # requests/s offered
+    rate: float  # requests/s offered (with a schedule: its mean, for the summary)
     duration: float | None = None  # seconds of schedule, warm-up included
     requests: int | None = None
     warmup: float = 0.0  # seconds at the start left out of the statistics
     max_in_flight: int = 1000
     client: str = "lean"  # a key of clients.CLIENTS
+    schedule: Schedule | None = None  # a rate that changes over time (then `rate` is only its mean)
     seed: int | None = 0
     timeout: float = 60.0
 
@@ -178,9 +180,12 @@ async def open_loop(
     asyncio's own timers wake up to a millisecond late (epoll rounds timeouts up), which would
     show up as latency, since latency counts from the scheduled time.
     """
-    offsets = poisson_offsets(
-        spec.rate, duration=spec.duration, requests=spec.requests, seed=spec.seed, warmup=spec.warmup
-    )
+    if spec.schedule is not None:
+        offsets = np.asarray(spec.schedule.offsets(spec.seed))
+    else:
+        offsets = poisson_offsets(
+            spec.rate, duration=spec.duration, requests=spec.requests, seed=spec.seed, warmup=spec.warmup
+        )
     records = Records()
     headers = _headers(target)
     loop = asyncio.get_running_loop()
