@@ -19,7 +19,7 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def _balance(argv: Sequence[str]) -> int:
-    from .balancing import app, settings
+    from .balancing import engines, settings
 
     parser = config.make_parser(
         "imgclass balance", "Run the load balancer in front of model servers, or (--dispatch queue) the queue's front."
@@ -31,7 +31,7 @@ def _balance(argv: Sequence[str]) -> int:
 
         front.main(resolved)
     else:
-        app.main(resolved)
+        engines.ENGINES[resolved.engine]().run(resolved)
     return 0
 
 

@@ -326,6 +326,7 @@ _BALANCER = (BALANCE, UP)
 _POLICIES = registry("imgclass.balancing.policies", "POLICIES")
 _SCALING = registry("imgclass.autoscale.policies", "POLICIES")
 _BACKENDS = registry("imgclass.serving.backends", "BACKENDS")
+_ENGINES = registry("imgclass.balancing.engines", "ENGINES")
 
 # The single table of defaults. README's "Configuration" section is checked against it by a test.
 OPTIONS: dict[str, Option] = {
@@ -391,6 +392,16 @@ OPTIONS: dict[str, Option] = {
                _BALANCER),
         Option("admin_token", text, None, "bearer token for POST/DELETE /backends (unset: disabled)",
                (*_BALANCER, AUTOSCALE)),
+        # engine mode: HAProxy forwards, the balancer's process is its control plane
+        Option("engine", _ENGINES, "python",
+               "the balancer's data plane: {choices} (haproxy: HAProxy forwards, driven by this process)", _BALANCER),
+        Option("slots", non_negative_int, 0,
+               "engine haproxy: server slots declared in haproxy.cfg, the most backends it can hold "
+               "(0 = twice the starting backends, at least 8)", (BALANCE,)),
+        Option("haproxy", text, "haproxy", "engine haproxy: the haproxy program, a name on PATH or a path",
+               (BALANCE,)),
+        Option("haproxy_threads", positive_int, 1,
+               "engine haproxy: HAProxy's threads (nbthread; 1 matches nginx's single worker)", (BALANCE,)),
         # queue mode (pull dispatch)
         Option("dispatch", choice("push", "queue"), "push",
                "push: the balancer sends each request to a server; queue: workers pull jobs from Redis",
@@ -426,7 +437,8 @@ OPTIONS: dict[str, Option] = {
                "target policy: seconds of steady demand before scaling up (Ray Serve's upscale_delay_s)",
                (UP, AUTOSCALE)),
         Option("downscale_window", non_negative_float, 300.0,
-               "target policy: scaling down takes the highest recommendation of this many seconds (the HPA's 300)",
+               "queue_depth and target policies: scaling down takes the highest recommendation of this many "
+               "seconds (the HPA's 300, which KEDA uses; 0 = none)",
                (UP, AUTOSCALE)),
         Option("slo_ms", positive_float, 500.0, "slo policy: the latency objective, in ms", (UP, AUTOSCALE)),
         Option("slo_downscale_window", non_negative_float, 30.0,

@@ -195,3 +195,20 @@ class UpstreamError(ServiceError):
 class UpstreamTimeout(ServiceError):
     status = 504
     code = "upstream_timeout"
+
+
+# --- engine mode: HAProxy as the data plane ------------------------------------------
+
+
+class EngineUnavailable(ConfigError):
+    """The chosen --engine cannot run here: HAProxy is missing or too old, or refused its configuration."""
+
+    code = "engine_unavailable"
+
+
+class EngineRestarting(NotReady):
+    """HAProxy's runtime API did not answer: the engine is (re)starting."""
+
+
+class EngineCommandFailed(ServiceError):
+    """HAProxy refused a runtime API command: a bug in the control plane, logged with the reply."""

@@ -16,7 +16,11 @@ from .state import Balancer
 
 
 def require_admin(balancer: Balancer, request: Request) -> None:
-    token = balancer.settings.admin_token
+    check_token(balancer.settings.admin_token, request)
+
+
+def check_token(token: str | None, request: Request) -> None:
+    """The admin token's check, shared with engine mode's control plane."""
     if not token:
         raise Forbidden(
             "Membership changes are disabled: start the balancer with --admin-token or IMGCLASS_ADMIN_TOKEN."

@@ -43,6 +43,10 @@ class BalancerSettings:
     dispatch: str = "push"
     redis: str | None = None
     result_ttl: int = 604_800
+    engine: str = "python"  # the data plane; haproxy: this process is HAProxy's control plane
+    slots: int = 0
+    haproxy: str = "haproxy"
+    haproxy_threads: int = 1
 
     @classmethod
     def make(cls, **overrides: object) -> BalancerSettings:
@@ -58,6 +62,9 @@ class BalancerSettings:
         if ns.cluster:
             backends += backends_from_cluster(ns.cluster)
         if ns.dispatch == "queue":
+            if ns.engine != "python":
+                raise ConfigError(f"--engine {ns.engine} forwards pushed requests; queue mode has no data plane to "
+                                  "replace: leave --engine out with --dispatch queue.")
             if not ns.redis:
                 raise ConfigError("--dispatch queue needs the job queue: pass --redis redis://HOST:PORT/0 (or IMGCLASS_REDIS).")
         elif not backends and not ns.admin_token:
