@@ -53,26 +53,35 @@ async def labels(balancer: Balancer, request: Request) -> Response:
     return Response(balancer.labels, 200, [(b"content-type", b"application/json")])
 
 
-async def add_backend(balancer: Balancer, request: Request) -> Response:
-    require_admin(balancer, request)
+def url_to_add(request: Request) -> str:
+    """POST /backends's {"url": ...}, checked as --backends checks it (shared with engine mode)."""
     try:
         doc = json.loads(request.body)
         raw = doc["url"]
     except (ValueError, KeyError, TypeError):
         raise BadJSON('Send JSON {"url": "http://host:port"}.') from None
     try:
-        url = config.url(str(raw))
+        return config.url(str(raw))
     except ValueError as exc:
         raise BadParameter(f"{exc}.") from None
-    state = await balancer.pool.add(url)
+
+
+def url_to_remove(request: Request) -> str:
+    """DELETE /backends?url=... (shared with engine mode)."""
+    raw = request.query.get("url")
+    if not raw:
+        raise BadParameter("Pass the backend to remove as ?url=http://host:port.")
+    return raw.rstrip("/")
+
+
+async def add_backend(balancer: Balancer, request: Request) -> Response:
+    require_admin(balancer, request)
+    state = await balancer.pool.add(url_to_add(request))
     return json_response(state.snapshot(time.monotonic()), 201)
 
 
 async def remove_backend(balancer: Balancer, request: Request) -> Response:
     require_admin(balancer, request)
-    raw = request.query.get("url")
-    if not raw:
-        raise BadParameter("Pass the backend to remove as ?url=http://host:port.")
-    url = raw.rstrip("/")
+    url = url_to_remove(request)
     balancer.pool.remove(url)
     return json_response({"removed": url})
