@@ -38,6 +38,7 @@ from imgclass.measure import loadgen
 from imgclass.measure.experiment import jpeg_of
 
 PEERS_DIR = ROOT / "bench" / "peers"
+IDLE_S = 3.0  # seconds of no load, before the warm-up, to see what the server burns by itself
 sys.path.insert(0, str(PEERS_DIR))  # harness.py: venvs, process trees, perf_analyzer
 
 from harness import (  # noqa: E402
@@ -48,6 +49,7 @@ from harness import (  # noqa: E402
     ensure_venv,
     free_port,
     machine_busy,
+    memory_mb,
     percentile,
     perf_analyzer,
     stop,
@@ -120,11 +122,18 @@ class Figures:
     pa_p99: float = float("nan")
     pa_note: str = ""
     others: float = float("nan")  # cores busy with anything but this server and this script (the neighbours)
+    idle_pct: float = float("nan")  # CPU the server burns with no request, in percent of one core
+    memory_mb: float = float("nan")  # its processes' proportional set size after the saturation run
 
 
 def measure(url: str, body: bytes, pids: set[int], seconds: float, concurrency: int, rate: float | None) -> Figures:
     figures = Figures()
     target = loadgen.Target(url, body, "application/json")
+    pids = set().union(*(tree(p) for p in pids))
+    idle0 = cpu_of(pids)
+    time.sleep(IDLE_S)
+    idle1 = cpu_of(pids)
+    figures.idle_pct = sum(idle1[p] - idle0[p] for p in idle1 if p in idle0) / IDLE_S * 100
     asyncio.run(loadgen.closed_loop(target, concurrency, 2.0))  # warm-up
     pids = set().union(*(tree(p) for p in pids))
     me = {os.getpid()}
@@ -134,6 +143,7 @@ def measure(url: str, body: bytes, pids: set[int], seconds: float, concurrency: 
     ok = sum(1 for s in records.status if s == 200)
     server_cpu = sum(cpu1[p] - cpu0[p] for p in cpu1 if p in cpu0)
     figures.cpu_ms = server_cpu / max(ok, 1) * 1000
+    figures.memory_mb = memory_mb(pids)
     figures.others = max(0.0, busy1 - busy0 - server_cpu - sum(mine1.values()) + sum(mine0.values())) / elapsed
     figures.sat_ips = ok / elapsed
     figures.non_200 = len(records.status) - ok
@@ -176,12 +186,25 @@ def run_one(server: Server, model_dir: str, tmp: Path, body: bytes, args: argpar
         stop(proc)
         log.close()
     print(f"   CPU {figures.cpu_ms:.2f} ms/img, {figures.sat_ips:.1f} img/s, p50 {figures.p50:.1f} ms, "
-          f"p99 {figures.p99:.1f} ms, others {figures.others:.2f} cores, perf_analyzer p50 {figures.pa_p50:.1f} p99 {figures.pa_p99:.1f} "
+          f"p99 {figures.p99:.1f} ms, idle {figures.idle_pct:.1f}%, {figures.memory_mb:.0f} MB, others {figures.others:.2f} cores, "
+          f"perf_analyzer p50 {figures.pa_p50:.1f} p99 {figures.pa_p99:.1f} "
           f"{figures.pa_note}", flush=True)  # fmt: skip
     return figures
 
 
-FIGURES = ("cpu_ms", "sat_ips", "p50", "p99", "p50_sent", "p99_sent", "pa_p50", "pa_p99", "others")
+FIGURES = (
+    "cpu_ms",
+    "sat_ips",
+    "p50",
+    "p99",
+    "p50_sent",
+    "p99_sent",
+    "pa_p50",
+    "pa_p99",
+    "others",
+    "idle_pct",
+    "memory_mb",
+)
 
 
 def combine(runs: list[Figures], how: str) -> Figures:
@@ -253,12 +276,12 @@ def report(chosen: list[Server], results: dict[str, Figures], rates: list[float]
     ours = results["imgclass"]
     print(f"\n### {how} of {rounds} rounds; x ours = the server's figure / imgclass's")
     print(f"{'server':20}{'version':>9}{'driven by':>11}{'CPU ms/img':>12}{'x ours':>8}{'img/s sat':>11}{'x ours':>8}"
-          f"{'p50 ms':>9}{'x ours':>8}{'p99 ms':>9}{'x ours':>8}{'others':>8}")  # fmt: skip
+          f"{'p50 ms':>9}{'x ours':>8}{'p99 ms':>9}{'x ours':>8}{'idle %':>8}{'MB':>6}{'others':>8}")  # fmt: skip
     for server in chosen:
         f = results[server.key]
         print(f"{server.label:20}{server.version:>9}{server.protocol:>11}{f.cpu_ms:>12.2f}{f.cpu_ms / ours.cpu_ms:>8.2f}"
               f"{f.sat_ips:>11.1f}{f.sat_ips / ours.sat_ips:>8.2f}{f.p50:>9.1f}{f.p50 / ours.p50:>8.2f}"
-              f"{f.p99:>9.1f}{f.p99 / ours.p99:>8.2f}{f.others:>8.2f}")  # fmt: skip
+              f"{f.p99:>9.1f}{f.p99 / ours.p99:>8.2f}{f.idle_pct:>8.1f}{f.memory_mb:>6.0f}{f.others:>8.2f}")  # fmt: skip
     shown = ", ".join(f"{r:.1f}" for r in rates)
     print(f"\nlatency at half of imgclass's saturation in each round ({shown} req/s), open-loop Poisson; ms")
     print(f"{'server':20}{'ours: p50':>11}{'p99':>8}{'from send: p50':>16}{'p99':>8}{'perf_analyzer p50':>19}{'p99':>8}"

@@ -95,6 +95,18 @@ def cpu_of(pids: set[int]) -> dict[int, float]:
     return out
 
 
+def memory_mb(pids: set[int]) -> float:
+    """Proportional set size of these processes, in MB: pages shared between them counted once."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        total += int(text.split("\nPss:", 1)[1].split()[0])
+    return total / 1024
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (not idle, not waiting on I/O) since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
