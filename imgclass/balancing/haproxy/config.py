@@ -41,6 +41,7 @@ BALANCE = {"random": "random(1)", "round_robin": "roundrobin", "least_outstandin
 FORWARDED_PATHS = ("/submit", "/predict")
 FORWARDED_PATTERN = r"^/v[12]/models/[^/]+(/versions/[^/]+)?(/infer|:predict)$"
 EXPORTER_PATH = "/haproxy/metrics"  # HAProxy's own Prometheus exporter, beside our /metrics
+COUNTED = ("no_backend", "queue_full")  # refusals counted in proc.* variables (see _counted)
 
 # L7 retries (empty-response, response-timeout) replay a request only if it fits in one buffer
 # (HAProxy's retry-on): 64 KB holds the ~40 KB photos the benchmarks send, with their headers.
@@ -49,6 +50,7 @@ BUFSIZE = 65536
 # A fresh X-Request-ID: connection addresses, time and pid, in hex (a plain token, as web.app wants).
 UNIQUE_ID = "%{+X}o%ci%cp%fi%fp%Ts%rt%pid"
 RETRY_AFTER_S = 1  # what the Python engine's own 503s advise
+MAX_WEIGHT = 256
 NO_ADDRESS = "0.0.0.0:0"  # an empty slot: HAProxy needs some address, and a disabled server never uses it
 
 
@@ -143,7 +145,7 @@ def render(settings: BalancerSettings, layout: Layout, slots: Sequence[SlotLine]
 
 
 def _global(settings: BalancerSettings, layout: Layout) -> list[str]:
-    return [
+    lines = [
         "global",
         "    master-worker",
         f"    nbthread {settings.haproxy_threads}",
@@ -151,6 +153,9 @@ def _global(settings: BalancerSettings, layout: Layout) -> list[str]:
         f"    hard-stop-after {round(ServerOptions().graceful_s)}s",  # SIGTERM drains for as long as uvicorn's
         f"    tune.bufsize {BUFSIZE}",
     ]
+    if settings.log_level == "DEBUG":
+        lines.append("    log stderr format raw daemon")  # one line per request, relayed into our log
+    return lines
 
 
 def _defaults(settings: BalancerSettings) -> list[str]:
@@ -174,6 +179,7 @@ def _defaults(settings: BalancerSettings) -> list[str]:
     return [
         "defaults",
         "    mode http",
+        *(["    log global", "    option httplog"] if settings.log_level == "DEBUG" else []),
         f"    timeout connect {_ms(settings.connect_timeout)}",
         f"    timeout client {_ms(limits.read_timeout_s)}",  # nginx's client_body_timeout, as web.app's
         f"    timeout http-request {_ms(limits.read_timeout_s)}",
@@ -184,6 +190,8 @@ def _defaults(settings: BalancerSettings) -> list[str]:
         # Nothing came back, so the server cannot have answered; classification is idempotent, so a
         # retry on another server (redispatch) is safe, as in the Python engine.
         "    retries 1",
+        # A request is replayed only if it is whole in the buffer: wait for the body (up to BUFSIZE) first.
+        "    option http-buffer-request",
         f"    retry-on {retry_on}",
         "    option redispatch 1",
         *(f"    http-error {_reply(status, error, retry)}" for status, error, retry in errors),
@@ -247,13 +255,18 @@ def _backend(settings: BalancerSettings, layout: Layout, slots: Sequence[SlotLin
     lines = [
         f"backend {name}",
         f"    balance {BALANCE[policy]}",
+        *_counted("no_backend", "nbsrv() eq 0"),
         f"    http-request return {_reply(503, no_backend, True)} if {{ nbsrv() eq 0 }}",
     ]
     if settings.max_conn:
         full = QueueFull(f"All {settings.max_conn}-request slots are busy and {settings.queue_size} requests are "
                          "queued; retry shortly.")  # fmt: skip
+        lines += _counted("queue_full", f"queue() ge {settings.queue_size}")
         lines.append(f"    http-request deny {_reply(503, full, True)} if {{ queue() ge {settings.queue_size} }}")
-    maxconn = f" maxconn {settings.max_conn}" if settings.max_conn else ""
+    # random draws a point on a hash ring where each server holds points in proportion to its weight:
+    # at weight 1 the arcs are few and unequal (a server got 41% of the requests of three, not 33%),
+    # at the largest weight, 256, the shares are even.
+    common = f" weight {MAX_WEIGHT}" + (f" maxconn {settings.max_conn}" if settings.max_conn else "")
     if name == main:
         # Active checks on /readyz, and a connection error marks a server down at once until --rise
         # checks pass. Layer 4 only: a 503 is shedding, never a failure (observe layer7 would count it).
@@ -262,18 +275,23 @@ def _backend(settings: BalancerSettings, layout: Layout, slots: Sequence[SlotLin
             "    http-check send meth GET uri /readyz",
             "    http-check expect status 200",
             f"    default-server check inter {_ms(settings.health_interval)} fall {settings.fall} rise {settings.rise} "
-            f"observe layer4 error-limit 1 on-error mark-down{maxconn}",
+            f"observe layer4 error-limit 1 on-error mark-down{common}",
         ]
         for slot, line in enumerate(slots):
             disabled = "" if line.enabled and line.address else " disabled"
             lines.append(f"    server {server_name(slot)} {server_address(line.address, line.port)}{disabled}")
     else:
-        if maxconn:
-            lines.append(f"    default-server{maxconn}")
+        lines.append(f"    default-server{common}")
         for slot, line in enumerate(slots[:j]):
             address = server_address(line.address, line.port)
             lines.append(f"    server {server_name(slot)} {address} track {main}/{server_name(slot)}")
     return lines
+
+
+def _counted(name: str, condition: str) -> list[str]:
+    """Count a refusal in a process-wide variable that the runtime API reads (`get var`): HAProxy's
+    stats count neither `http-request return` nor one deny apart from another."""
+    return [f"    http-request set-var(proc.{name}) var(proc.{name},0),add(1) if {{ {condition} }}"]
 
 
 def write_map(path: Path, entries: dict[str, str]) -> None:

@@ -14,7 +14,7 @@ from ...errors import ConfigError, EngineUnavailable
 from ...log import EventLogger
 from ...web.server import ServerOptions
 from ..settings import BalancerSettings
-from .config import Layout, render, server_name, validate, write_map
+from .config import COUNTED, Layout, render, server_name, validate, write_map
 from .membership import Member, Membership
 from .process import Binary, HaproxyProcess, Supervisor
 from .runtime import RuntimeAPI
@@ -78,7 +78,7 @@ class ControlPlane:
             await asyncio.to_thread(validate, self.binary.path, self.layout)
             with contextlib.suppress(FileNotFoundError):
                 self.layout.stats_socket.unlink()  # the last one's, so that "ready" means this one
-            process = await HaproxyProcess.start(self.binary, self.layout, self.logger)
+            process = await HaproxyProcess.start(self.binary, self.layout, self.logger, self.membership.primary)
             try:
                 await self._ready(process)
             except BaseException:
@@ -121,6 +121,7 @@ class ControlPlane:
     async def scrape(self) -> None:
         """Read every counter once, for the /metrics answer that follows."""
         self.metrics.rows = await self.api.stats()
+        self.metrics.counts = {name: await self.api.counter(name) for name in COUNTED}
 
     # --- stopping ---------------------------------------------------------------------------------
 

@@ -26,8 +26,10 @@ INSTALL = ("install HAProxy 2.6 or later: ./install_script.sh installs the Debia
 # Debian installs haproxy in /usr/sbin, which a user's PATH may lack.
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _LINE = re.compile(r"^\[(\w+)\]\s+\((\d+)\)\s*:\s*(.*)$")  # "[WARNING]  (996) : Server x/s1 is DOWN, ..."
-# Said once per proxy at every stop, and engine mode declares one per policy and prefix: debug only.
-_ROUTINE = re.compile(r"^(Proxy \S+ stopped|Stopping (backend|frontend|proxy) )")
+# Said once per proxy, and engine mode declares one per policy and prefix: what every backend but the
+# primary says at a stop, or when a server it tracks goes up or down, is logged at debug only.
+_ROUTINE = re.compile(r"^(Proxy \S+ stopped|Stopping (backend|frontend|proxy) |Server \S+ is \w+ via |"
+                      r"backend '\S+' has no server available)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,17 @@ def find_binary(name: str) -> Binary:
 class HaproxyProcess:
     """One HAProxy master (-W) and its worker, in the foreground (-db), on the inherited public socket."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, logger: EventLogger) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, logger: EventLogger, primary: str) -> None:
         self.proc = proc
         self.logger = logger
+        self.primary = primary  # the backend whose servers are checked: its alerts are not routine
         self.started = time.monotonic()
         self.lines: deque[str] = deque(maxlen=50)  # its last words, for a start that fails
         assert proc.stderr is not None
         self._relay = asyncio.create_task(self._read(proc.stderr), name="haproxy log")
 
     @classmethod
-    async def start(cls, binary: Binary, layout: Layout, logger: EventLogger) -> HaproxyProcess:
+    async def start(cls, binary: Binary, layout: Layout, logger: EventLogger, primary: str) -> HaproxyProcess:
         proc = await asyncio.create_subprocess_exec(
             binary.path, "-W", "-db", "-f", str(layout.cfg),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -75,7 +78,7 @@ class HaproxyProcess:
             # A terminal's Ctrl-C goes to us, which stops HAProxy in order; if we die, so does it.
             start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
-        return cls(proc, logger)
+        return cls(proc, logger, primary)
 
     @property
     def pid(self) -> int:
@@ -119,7 +122,7 @@ class HaproxyProcess:
             match = _LINE.match(text)
             level, message = (match.group(1), match.group(3)) if match else ("NOTICE", text.strip())
             emit = {"ALERT": self.logger.error, "WARNING": self.logger.warning}.get(level, self.logger.info)
-            if _ROUTINE.match(message):
+            if _ROUTINE.match(message) and f"'{self.primary}'" not in message:
                 emit = self.logger.debug
             emit("haproxy", level=level.lower(), message=message)
 

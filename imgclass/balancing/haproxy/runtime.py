@@ -71,6 +71,11 @@ class RuntimeAPI:
         scope = f" {proxy if proxy else -1} {4 if servers_only else -1} -1" if proxy or servers_only else ""
         return parse_csv(await self.call(f"show stat{scope}"))
 
+    async def counter(self, name: str) -> int:
+        """A process-wide variable holding a count (`get var proc.NAME`); 0 before it is first set."""
+        found = re.search(r"value=<(-?\d+)>", await self.call(f"get var proc.{name}"))
+        return int(found.group(1)) if found else 0
+
     async def maps(self, path: Path) -> dict[str, str]:
         """`show map`: the live entries of one map file, key to value."""
         entries: dict[str, str] = {}

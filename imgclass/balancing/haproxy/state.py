@@ -91,6 +91,7 @@ class EngineMetrics(Collector):
         self.members = members
         self.restarts = restarts
         self.rows: Rows = []
+        self.counts: dict[str, int] = {}  # refusals HAProxy counted in proc.* variables
 
     def collect(self) -> Iterator[Metric]:
         slots = slot_stats(self.rows, self.primary)
@@ -120,10 +121,10 @@ class EngineMetrics(Collector):
         yield GaugeMetricFamily("imgclass_balancer_backends_in_service", "Backends healthy and not in maintenance",
                                 value=sum(1 for _, s in members if s and s.healthy))  # fmt: skip
         yield CounterMetricFamily("imgclass_balancer_no_backend", "Requests refused: no healthy backend",
-                                  value=total("intercepted"))  # fmt: skip
+                                  value=self.counts.get("no_backend", 0))  # fmt: skip
         refused = CounterMetricFamily("imgclass_balancer_queue_refused", "Requests refused by the queue",
                                       labels=["reason"])  # fmt: skip
-        refused.add_metric(["full"], total("dreq"))
+        refused.add_metric(["full"], self.counts.get("queue_full", 0))
         yield refused
         gone = CounterMetricFamily("imgclass_balancer_client_gone", "Requests whose client left", labels=["stage"])
         gone.add_metric(["forwarding"], total("cli_abrt"))
