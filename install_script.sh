@@ -83,13 +83,14 @@ else
   say "package already installed ($spec)"
 fi
 
-# Redis is the job queue of queue mode (imgclass up --dispatch queue starts its own redis-server).
+# Redis is the job queue of queue mode (imgclass up --dispatch queue starts its own redis-server);
+# HAProxy is the data plane of engine mode (--engine haproxy).
 if [ -z "$role" ] || [ "$role" = balancer ]; then
-  apt_install redis-server
+  apt_install redis-server haproxy
 fi
 
 if [ $dev = 1 ]; then
-  apt_install chromium chromium-driver nginx openssh-server openssh-client wrk iproute2 redis-server
+  apt_install chromium chromium-driver nginx openssh-server openssh-client wrk iproute2 redis-server haproxy
 fi
 
 if [ -z "$role" ] || [ "$role" = server ]; then

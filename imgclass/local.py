@@ -131,6 +131,7 @@ class LocalCluster:
                 "--policy", self.ns.policy, "--name", name, "--log-level", self.ns.log_level,
                 "--max-conn", str(max_conn), "--queue-size", str(self.ns.queue_size),
                 "--queue-timeout", str(self.ns.queue_timeout), "--http", self.ns.http]  # fmt: skip
+        args += ["--engine", getattr(self.ns, "engine", "python")]  # the data plane: Python, or HAProxy driven by it
         if self.ns.seed is not None:
             args += ["--seed", str(self.ns.seed)]
         env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None

@@ -89,12 +89,14 @@ def targets_from_cluster(path: str, user: str | None, remote_dir: str) -> list[T
 
 class Deployer:
     def __init__(
-        self, targets: list[Target], conn: Connection, out: Callable[[str], None] = print, dispatch: str = "push"
+        self, targets: list[Target], conn: Connection, out: Callable[[str], None] = print, dispatch: str = "push",
+        engine: str = "python",
     ) -> None:
         self.targets = targets
         self.conn = conn
         self.out = out
         self.dispatch = dispatch
+        self.engine = engine  # the balancer's data plane (push mode): python, or haproxy
 
     def _remote(self, target: Target, script: str, timeout: float = 1800, stdin: bytes | None = None) -> str:
         cmd = [*self.conn.ssh(target), "bash -lc " + shlex.quote(script)]
@@ -222,8 +224,9 @@ class Deployer:
         else:
             backends = ",".join(f"http://{t.data_ip or t.host}:{t.service_port}" for t in servers)
             self._each(servers, lambda t: self.launch(t, "server", [*self._listen(t), *model], systemd, model_dir))
-            self._each(balancers, lambda t: self.launch(t, "balancer", [*self._listen(t), "--backends", backends],
-                                                        systemd))  # fmt: skip
+            engine = ["--engine", self.engine] if self.engine != "python" else []
+            self._each(balancers, lambda t: self.launch(t, "balancer", [*self._listen(t), "--backends", backends,
+                                                                        *engine], systemd))  # fmt: skip
         for t in balancers:
             self.out(f"the page: http://{t.host}:{t.service_port}/")
 
@@ -298,14 +301,15 @@ def main(command: str, argv: Sequence[str]) -> int:
     parser.add_argument("--known-hosts", help="known_hosts file for the nodes' host keys [default ~/.ssh/known_hosts]")
     parser.add_argument("--remote-dir", default="imgclass", help="project folder on each node [default ~/imgclass]")
     parser.add_argument("--dry-run", action="store_true", help="print every command instead of running it")
-    config.add_options(parser, ["dispatch"], config.BALANCE)
+    config.add_options(parser, ["dispatch", "engine"], config.BALANCE)
     if command == "deploy":
         parser.add_argument("--model-dir", help="model folder on the nodes (else install_script.sh downloads it)")
         config.add_options(parser, ["backend"], config.SERVE)
         parser.add_argument("--systemd", action="store_true", help="also install systemd units (restart on failure)")
     args = parser.parse_args(argv)
     targets = targets_from_cluster(args.cluster, args.user, args.remote_dir)
-    deployer = Deployer(targets, Connection(args.user, args.key, args.known_hosts, args.dry_run), dispatch=args.dispatch)
+    deployer = Deployer(targets, Connection(args.user, args.key, args.known_hosts, args.dry_run), dispatch=args.dispatch,
+                        engine=args.engine)
     if command == "deploy":
         deployer.deploy(args.model_dir, args.backend, args.systemd)
     elif command == "status":

@@ -25,6 +25,9 @@ ExecStart={directory}/.venv/bin/imgclass {command}
 Restart=on-failure
 RestartSec=2
 KillSignal=SIGTERM
+# SIGTERM to imgclass alone, which stops its children in order (engine mode's HAProxy drains first);
+# SIGKILL to whatever is left after the timeout
+KillMode=mixed
 TimeoutStopSec=40
 
 [Install]
