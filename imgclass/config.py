@@ -120,8 +120,10 @@ def path_segment(value: str) -> str:
     """A name that is one URL path segment, e.g. the model in /v2/models/NAME/infer."""
     text(value)
     if not _SEGMENT.fullmatch(value):
-        raise ValueError(f"{value!r} cannot be one URL path segment; use letters, digits, '_', '.' and '-' "
-                         "(up to 128), e.g. mobilenet_v2")
+        raise ValueError(
+            f"{value!r} cannot be one URL path segment; use letters, digits, '_', '.' and '-' "
+            "(up to 128), e.g. mobilenet_v2"
+        )
     return value
 
 
@@ -353,10 +355,11 @@ OPTIONS: dict[str, Option] = {
                _MODEL),
         Option("batch_timeout_ms", non_negative_float, 2.0, "longest wait to fill a batch, in ms", (SERVE, WORKER)),
         Option("max_queue", non_negative_int, 0,
-               "images waiting beyond the workers before 503 (0 = 8 per worker; keras 16; sleep 1024)", _SERVER),
+               "images waiting beyond the workers before 503 (0 = 8 per worker; keras 16; sleep 1024)",
+               (*_SERVER, AUTOSCALE)),
         Option("max_wait_ms", non_negative_float, 50.0,
                "refuse (503) an image whose expected wait in the queue is longer, in ms (0 = no bound; "
-               "not for the sleep backend)", _SERVER),
+               "not for the sleep backend)", (*_SERVER, AUTOSCALE)),
         Option("max_upload_mb", positive_float, 20.0, "largest request body, in MB", (SERVE, BALANCE)),
         Option("max_pixels", positive_int, 50_000_000, "largest image, in pixels (width x height)", (SERVE, WORKER)),
         Option("service_time", service_time, "exp:20ms",
@@ -413,7 +416,8 @@ OPTIONS: dict[str, Option] = {
                (BALANCE, UP, WORKER, AUTOSCALE)),
         Option("max_deliveries", positive_int, 3, "times a job is delivered without a result before it fails",
                (UP, WORKER, AUTOSCALE)),
-        Option("redis_dir", text, "var/redis", "folder of the queue's Redis data: its append-only file", (REDIS,)),
+        Option("redis_dir", text, "var/redis", "folder of the queue's Redis data: its append-only file",
+               (REDIS, UP), {UP: None}),
         Option("heartbeat_ttl", positive_float, 3.0,
                "seconds a worker's heartbeat lives; a worker silent for longer loses its jobs to the others",
                (UP, WORKER, AUTOSCALE)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import threading
 from collections.abc import Sequence
@@ -48,6 +49,23 @@ def _server_args(ns: argparse.Namespace, index: int, port: int = 0) -> list[str]
     return args
 
 
+# `imgclass up` passes these to its `imgclass autoscale` child; the rest of the child's options
+# (where its pool lives, its bounds) are decided by `up` itself.
+_NOT_PASSED = {"host", "port", "name", "dispatch", "redis", "scale_min", "scale_max", "balancer_url", "admin_token"}
+
+
+def _autoscale_args(ns: argparse.Namespace, dispatch: str, pool: list[str]) -> list[str]:
+    low, high = ns.autoscale
+    args = ["autoscale", "--host", "127.0.0.1", "--port", "0", "--dispatch", dispatch,
+            "--min", str(low), "--max", str(high), *pool]  # fmt: skip
+    for name in config.options_for(config.AUTOSCALE):
+        value = getattr(ns, name, None)
+        if name in _NOT_PASSED or value is None:
+            continue
+        args += [config.OPTIONS[name].flag_for(config.AUTOSCALE), str(value)]
+    return args
+
+
 class LocalCluster:
     """Starts the servers, then the balancer; restarts a server that dies; stops everything."""
 
@@ -60,11 +78,16 @@ class LocalCluster:
         self.redis_url: str | None = None
         self.balancer: Child | None = None
         self.extra: list[Child] = []  # further balancers over the same servers
+        self.autoscaler: Child | None = None  # with --autoscale: it owns the workers or servers
+        self.autoscaler_args: list[str] = []
+        self.autoscaler_env: dict[str, str] | None = None
         self.logger = log.get_logger("up", "cluster", ns.log_level)
 
     def start(self) -> str:
         if getattr(self.ns, "dispatch", "push") == "queue":
             return self._start_queue()
+        if getattr(self.ns, "autoscale", None):
+            return self._start_autoscaled_push()
         try:
             self.servers = [Child(_server_args(self.ns, i + 1), echo=self.echo) for i in range(self.ns.servers)]
             for child in self.servers:
@@ -85,10 +108,14 @@ class LocalCluster:
                 self.redis = RedisServer(directory)
                 self.redis_url = self.redis.start()
                 self.logger.info("redis_started", url=self.redis_url, dir=str(directory))
-            self.workers = [Child(_worker_args(self.ns, i + 1, self.redis_url), echo=self.echo)
-                            for i in range(self.ns.workers)]  # fmt: skip
-            for child in self.workers:
-                child.wait_url()
+            if getattr(self.ns, "autoscale", None):
+                pool = ["--redis", self.redis_url]
+                self._start_autoscaler(_autoscale_args(self.ns, "queue", pool), None)
+            else:
+                self.workers = [Child(_worker_args(self.ns, i + 1, self.redis_url), echo=self.echo)
+                                for i in range(self.ns.workers)]  # fmt: skip
+                for child in self.workers:
+                    child.wait_url()
             args = ["balance", "--dispatch", "queue", "--redis", self.redis_url, "--host", self.ns.host,
                     "--port", str(self.ns.port), "--name", "front", "--log-level", self.ns.log_level,
                     "--queue-size", str(self.ns.queue_size), "--result-ttl", str(self.ns.result_ttl),
@@ -98,6 +125,27 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _start_autoscaled_push(self) -> str:
+        """An empty balancer with its admin API on, and the autoscaler, which adds and removes servers."""
+        try:
+            # the admin API needs a token; one made here stays between the two processes
+            token = self.ns.admin_token or secrets.token_urlsafe(24)
+            self.ns.admin_token = token
+            self.balancer = self._balancer(self.ns.port, self.ns.max_conn)
+            url = self.balancer.wait_url()
+            local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+            pool = ["--balancer", local]
+            self._start_autoscaler(_autoscale_args(self.ns, "push", pool), {"IMGCLASS_ADMIN_TOKEN": token})
+            return url
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_autoscaler(self, args: list[str], env: dict[str, str] | None) -> None:
+        self.autoscaler_args, self.autoscaler_env = args, env
+        self.autoscaler = Child(args, env=env, echo=self.echo)
+        self.autoscaler.wait_url()
 
     def add_worker(self) -> Child:
         """One more worker on the same queue (autoscaling, or a restart)."""
@@ -127,7 +175,7 @@ class LocalCluster:
 
     def _balancer(self, port: int, max_conn: int, name: str = "balancer") -> Child:
         urls = [child.url or "" for child in self.servers]
-        args = ["balance", "--host", self.ns.host, "--port", str(port), "--backends", ",".join(urls),
+        args = ["balance", "--host", self.ns.host, "--port", str(port), *(["--backends", ",".join(urls)] if urls else []),
                 "--policy", self.ns.policy, "--name", name, "--log-level", self.ns.log_level,
                 "--max-conn", str(max_conn), "--queue-size", str(self.ns.queue_size),
                 "--queue-timeout", str(self.ns.queue_timeout), "--http", self.ns.http]  # fmt: skip
@@ -138,7 +186,13 @@ class LocalCluster:
         return Child(args, env=env, echo=self.echo)
 
     def supervise_once(self) -> None:
-        """Restart any server that died, on its old port, so the balancer re-admits it; and any worker."""
+        """Restart any server that died, on its old port, so the balancer re-admits it; and any worker.
+
+        A dead autoscaler is restarted too: its pool died with it, and the new one starts its minimum.
+        """
+        if self.autoscaler is not None and not self.autoscaler.alive():
+            self.logger.warning("autoscaler_died", exit=self.autoscaler.proc.returncode)
+            self.autoscaler = Child(self.autoscaler_args, env=self.autoscaler_env, echo=self.echo)
         for i, child in enumerate(self.workers):
             if not child.alive() and child.url and self.redis_url:
                 self.logger.warning("worker_died", worker=f"worker{i + 1}", exit=child.proc.returncode)
@@ -158,6 +212,8 @@ class LocalCluster:
     def stop(self) -> None:
         # balancer (or front) first, so nothing new is sent to servers or workers that are draining
         stop_all([*self.extra, *([self.balancer] if self.balancer is not None else [])])
+        if self.autoscaler is not None:
+            self.autoscaler.stop(80)  # it drains and stops its own workers or servers
         stop_all([*self.servers, *self.workers], timeout=70)  # a worker finishes its batch
         if self.redis is not None:
             self.redis.stop()
@@ -177,9 +233,17 @@ def up(argv: Sequence[str]) -> int:
         url = cluster.start()
         host = urlsplit(url).hostname or ""
         shown = url.replace("0.0.0.0", "127.0.0.1") if host == "0.0.0.0" else url
-        what = (f"{ns.workers} {ns.backend} worker(s) on {cluster.redis_url}, their front at" if ns.dispatch == "queue"
-                else f"{ns.servers} {ns.backend} server(s) behind")  # fmt: skip
+        if ns.autoscale:
+            size = f"{ns.autoscale[0]} to {ns.autoscale[1]} {ns.backend}"
+            pool = f"worker(s) on {cluster.redis_url}, their front at" if ns.dispatch == "queue" else "server(s) behind"
+            what = f"{size} {pool}"
+        elif ns.dispatch == "queue":
+            what = f"{ns.workers} {ns.backend} worker(s) on {cluster.redis_url}, their front at"
+        else:
+            what = f"{ns.servers} {ns.backend} server(s) behind"
         print(f"imgclass is up: {what} {shown}/  (Ctrl-C stops everything)", flush=True)
+        if cluster.autoscaler is not None:
+            print(f"  autoscaler ({ns.autoscale_policy} policy): {cluster.autoscaler.url}/metrics", flush=True)
         print(f"  classify: curl -F image=@photo.jpg {shown}/submit", flush=True)
         while not stop.wait(0.5):
             cluster.supervise_once()

@@ -32,59 +32,90 @@ class Actuator(ABC):
         return None
 
 
-class LocalWorkers(Actuator):
-    """Queue workers as child processes of the controller: they join the consumer group by themselves."""
+class LocalPool(Actuator):
+    """Child processes started together and stopped in the background.
 
-    def __init__(self, worker_args: Sequence[str], logger: log.EventLogger, env: dict[str, str] | None = None) -> None:
-        self.worker_args = list(worker_args)
+    New ones start at once and are waited for together: a step from 1 to 8 takes one start-up, not
+    eight. Removed ones leave the pool at once but drain in the background, so the controller keeps
+    evaluating while they finish what they hold.
+    """
+
+    stop_timeout = 70.0
+
+    def __init__(self, args: Sequence[str], prefix: str, logger: log.EventLogger,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.args = list(args)
+        self.prefix = prefix
         self.logger = logger
         self.env = env
         self.children: list[Child] = []
         self.serial = 0
+        self.stopping: set[asyncio.Future[None]] = set()
 
     @property
     def ready(self) -> int:
         return sum(1 for c in self.children if c.url is not None and c.alive())
 
+    async def admit(self, child: Child) -> bool:
+        """Put a started child in service; False if that failed (it is then stopped)."""
+        return True
+
+    async def retire(self, child: Child) -> None:
+        """Take a child out of service before it is stopped."""
+
     async def scale_to(self, count: int) -> None:
         self.children = [c for c in self.children if c.alive()]
-        while len(self.children) < count:
+        new = []
+        for _ in range(count - len(self.children)):
             self.serial += 1
-            name = f"worker{self.serial}"
-            child = Child([*self.worker_args, "--name", name], env=self.env)
+            new.append(Child([*self.args, "--name", f"{self.prefix}{self.serial}"], env=self.env))
+        started = await asyncio.gather(*(asyncio.to_thread(c.wait_url) for c in new), return_exceptions=True)
+        for child, result in zip(new, started, strict=True):
+            if isinstance(result, BaseException) or not await self.admit(child):
+                self.logger.error("start_failed", role=self.prefix, message=str(result)[:500])
+                await asyncio.to_thread(child.stop)
+                continue
             self.children.append(child)
-            await asyncio.to_thread(child.wait_url)
-            self.logger.info("worker_started", worker=name, url=child.url)
+            self.logger.info("started", role=self.prefix, url=child.url)
         if len(self.children) > count:
-            # the newest go first; SIGTERM drains each: it finishes its batch, acknowledges, exits
+            # the newest go first
             surplus, self.children = self.children[count:], self.children[:count]
-            await asyncio.to_thread(stop_all, surplus, 70)
-            self.logger.info("workers_stopped", count=len(surplus))
+            for child in surplus:
+                await self.retire(child)
+            task = asyncio.ensure_future(asyncio.to_thread(stop_all, surplus, self.stop_timeout))
+            self.stopping.add(task)
+            task.add_done_callback(self.stopping.discard)
+            self.logger.info("stopping", role=self.prefix, count=len(surplus))
 
     async def close(self) -> None:
-        await asyncio.to_thread(stop_all, self.children, 70)
+        if self.stopping:
+            await asyncio.gather(*self.stopping, return_exceptions=True)
+        await asyncio.to_thread(stop_all, self.children, self.stop_timeout)
         self.children = []
 
 
-class LocalServers(Actuator):
-    """Model servers as child processes, registered with the balancer through its admin API."""
+class LocalWorkers(LocalPool):
+    """Queue workers as child processes: they join the consumer group by themselves, and SIGTERM
+    drains each (it finishes and acknowledges its batch, then exits)."""
+
+    def __init__(self, worker_args: Sequence[str], logger: log.EventLogger, env: dict[str, str] | None = None) -> None:
+        super().__init__(worker_args, "worker", logger, env)
+
+
+class LocalServers(LocalPool):
+    """Model servers as child processes, registered with the balancer through its admin API once
+    ready, and removed from it before they are stopped."""
+
+    stop_timeout = 40.0
 
     def __init__(
         self, server_args: Sequence[str], balancer_url: str, admin_token: str, logger: log.EventLogger,
         env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
-        self.server_args = list(server_args)
+        super().__init__(server_args, "server", logger, env)
         self.balancer_url = balancer_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
-        self.logger = logger
-        self.env = env
-        self.children: list[Child] = []
-        self.serial = 0
         self.session: aiohttp.ClientSession | None = None
-
-    @property
-    def ready(self) -> int:
-        return sum(1 for c in self.children if c.url is not None and c.alive())
 
     async def _admin(self, method: str, path: str, body: dict[str, str] | None = None) -> int:
         if self.session is None:
@@ -94,29 +125,24 @@ class LocalServers(Actuator):
             await r.read()
             return r.status
 
-    async def scale_to(self, count: int) -> None:
-        self.children = [c for c in self.children if c.alive()]
-        while len(self.children) < count:
-            self.serial += 1
-            child = Child([*self.server_args, "--name", f"server{self.serial}"], env=self.env)
-            await asyncio.to_thread(child.wait_url)  # ready: the model is loaded and warm
+    async def admit(self, child: Child) -> bool:
+        try:
             status = await self._admin("POST", "/backends", {"url": child.url or ""})
-            if status != 201:
-                self.logger.error("register_failed", url=child.url, status=status)
-                await asyncio.to_thread(child.stop)
-                return
-            self.children.append(child)
-            self.logger.info("server_added", url=child.url)
-        while len(self.children) > count:
-            child = self.children.pop()
-            # out of the balancer first: nothing new reaches it; then SIGTERM, which lets it answer
-            # what it holds before it exits
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.logger.error("register_failed", url=child.url, message=str(exc))
+            return False
+        if status != 201:
+            self.logger.error("register_failed", url=child.url, status=status)
+        return status == 201
+
+    async def retire(self, child: Child) -> None:
+        # out of the balancer first: nothing new reaches it; then SIGTERM lets it answer what it holds
+        try:
             await self._admin("DELETE", f"/backends?url={child.url}")
-            await asyncio.to_thread(child.stop, 40)
-            self.logger.info("server_removed", url=child.url)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.logger.error("deregister_failed", url=child.url, message=str(exc))
 
     async def close(self) -> None:
-        await asyncio.to_thread(stop_all, self.children, 40)
-        self.children = []
+        await super().close()
         if self.session is not None:
             await self.session.close()

@@ -1,6 +1,8 @@
 """Scaling policies behind one interface: how many workers the load needs, from one observation.
 
-- queue_depth: the original design's rule, desired = ceil(depth / per_worker).
+- queue_depth: the original design's rule, desired = ceil(depth / per_worker), run as KEDA runs
+  it (through the HPA): a scale-down takes the highest recommendation of the last window. With a
+  window of 0 it is the bare rule, which follows every dip of the queue and flaps.
 - target: the Kubernetes HPA's and Ray Serve's rule, desired = ceil(current x metric / target),
   with a tolerance, a delay before scaling up, and a stabilization window for scaling down (the
   highest recommendation over the window wins, so a dip does not remove workers at once).
@@ -57,20 +59,6 @@ class ScalingPolicy(ABC):
     def decide(self, obs: Observation) -> Decision: ...
 
 
-class QueueDepth(ScalingPolicy):
-    """desired = ceil(depth / per_worker): one worker per `per_worker` jobs in the queue (the original rule)."""
-
-    name = "queue_depth"
-
-    def __init__(self, bounds: Bounds, per_worker: float = 5.0) -> None:
-        super().__init__(bounds)
-        self.per_worker = per_worker
-
-    def decide(self, obs: Observation) -> Decision:
-        raw = math.ceil(obs.depth / self.per_worker)
-        return Decision(self.bounds.clamp(raw), raw, f"depth {obs.depth:g} / {self.per_worker:g} per worker")
-
-
 @dataclass
 class _Stabilizer:
     """The HPA's behaviour: a scale-up waits `up_delay` of consistent demand; a scale-down takes the
@@ -96,6 +84,23 @@ class _Stabilizer:
         if highest < current:
             return highest, f"down to the highest of the last {self.down_window:g} s"
         return current, "hold"
+
+
+class QueueDepth(ScalingPolicy):
+    """desired = ceil(depth / per_worker): one worker per `per_worker` jobs in the queue (the original rule)."""
+
+    name = "queue_depth"
+
+    def __init__(self, bounds: Bounds, per_worker: float = 5.0, down_window: float = 300.0) -> None:
+        super().__init__(bounds)
+        self.per_worker = per_worker
+        self.stabilizer = _Stabilizer(0.0, down_window)
+
+    def decide(self, obs: Observation) -> Decision:
+        raw = math.ceil(obs.depth / self.per_worker)
+        desired, why = self.stabilizer.apply(obs.time, obs.current, self.bounds.clamp(raw))
+        return Decision(self.bounds.clamp(desired), raw,
+                        f"depth {obs.depth:g} / {self.per_worker:g} per worker = {raw}; {why}")  # fmt: skip
 
 
 class TargetTracking(ScalingPolicy):

@@ -28,6 +28,8 @@ class AutoscaleSettings:
     backend: str
     model_dir: str
     max_batch: int
+    max_queue: int
+    max_wait_ms: float
     service_time: str
     seed: int | None
     admin_token: str | None
@@ -74,7 +76,7 @@ class AutoscaleSettings:
 def make_policy(settings: AutoscaleSettings) -> ScalingPolicy:
     bounds = Bounds(settings.scale_min, settings.scale_max)
     if settings.autoscale_policy == "queue_depth":
-        return QueueDepth(bounds, settings.per_worker)
+        return QueueDepth(bounds, settings.per_worker, settings.downscale_window)
     if settings.autoscale_policy == "target":
         return TargetTracking(bounds, settings.target_load, settings.tolerance, settings.upscale_delay,
                               settings.downscale_window)  # fmt: skip
@@ -105,8 +107,9 @@ def build(settings: AutoscaleSettings, logger: log.EventLogger) -> Controller:
     else:
         assert settings.balancer_url is not None and settings.admin_token is not None
         signals = PushSignals(settings.balancer_url, settings.rate_window)
-        actuator = LocalServers(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *model_args(settings)],
-                                settings.balancer_url, settings.admin_token, logger)  # fmt: skip
+        server = ["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--max-queue",
+                  str(settings.max_queue), "--max-wait-ms", str(settings.max_wait_ms), *model_args(settings)]  # fmt: skip
+        actuator = LocalServers(server, settings.balancer_url, settings.admin_token, logger)
     return Controller(make_policy(settings), signals, actuator, settings.scale_interval, logger)
 
 

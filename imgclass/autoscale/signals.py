@@ -14,6 +14,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -39,6 +40,44 @@ class Rate:
         return self.value
 
 
+class ServiceTime:
+    """Seconds of service per job, as the mean over the jobs of the last `window` seconds.
+
+    Each worker (or server) reports two growing totals, busy seconds and jobs served; their
+    differences between two readings, summed over the workers seen in both, are the window's
+    samples. A mean over jobs, not an average of workers' own averages: a worker that served two
+    jobs weighs two jobs, so a few long exponential service times at start-up do not make the
+    pool look slow. A worker that restarted (its totals went down) gives no sample that time.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.last: dict[str, tuple[float, float]] = {}
+        self.samples: deque[tuple[float, float, float]] = deque()  # (time, busy seconds, jobs)
+        self.value: float | None = None
+
+    def update(self, now: float, totals: dict[str, tuple[float, float]]) -> float | None:
+        busy = jobs = 0.0
+        for name, (seconds, count) in totals.items():
+            if name in self.last:
+                before_s, before_n = self.last[name]
+                if count >= before_n and seconds >= before_s:
+                    busy, jobs = busy + seconds - before_s, jobs + count - before_n
+        self.last = dict(totals)
+        if jobs:
+            self.samples.append((now, busy, jobs))
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+        total_jobs = sum(j for _, _, j in self.samples)
+        if total_jobs:
+            self.value = sum(b for _, b, _ in self.samples) / total_jobs
+        return self.value  # the last estimate holds while the pool is idle
+
+    @property
+    def rate(self) -> float | None:
+        return 1 / self.value if self.value else None
+
+
 class Signals(ABC):
     @abstractmethod
     async def observe(self, current: int) -> Observation | None:
@@ -55,6 +94,7 @@ class QueueSignals(Signals):
         self.broker = broker
         self.arrivals = Rate(window)
         self.completions = Rate(window)
+        self.service = ServiceTime(window)
 
     async def observe(self, current: int) -> Observation | None:
         now = time.monotonic()
@@ -66,9 +106,9 @@ class QueueSignals(Signals):
             return None
         arrival = self.arrivals.update(now, stats.get("enqueued", 0))
         self.completions.update(now, stats.get("finished", 0))
-        times = [w["service_s"] for w in workers if w.get("service_s")]
-        service_rate = 1 / (sum(times) / len(times)) if times else None
-        return Observation(now, current, float(depth["lag"] + depth["pending"]), arrival, service_rate)
+        self.service.update(now, {w["name"]: (w.get("busy_s", 0.0), w.get("served", 0)) for w in workers
+                                  if "name" in w})  # fmt: skip
+        return Observation(now, current, float(depth["lag"] + depth["pending"]), arrival, self.service.rate)
 
     async def close(self) -> None:
         await self.broker.redis.aclose()
@@ -95,6 +135,7 @@ class PushSignals(Signals):
     def __init__(self, balancer_url: str, window: float) -> None:
         self.balancer_url = balancer_url.rstrip("/")
         self.arrivals = Rate(window)
+        self.service = ServiceTime(window)
         self.session: aiohttp.ClientSession | None = None
         self.timeout = aiohttp.ClientTimeout(total=2.0)
 
@@ -107,19 +148,18 @@ class PushSignals(Signals):
                 metrics = parse_metrics(await response.text())
             async with self.session.get(self.balancer_url + "/backends") as response:
                 backends = json.loads(await response.read())
-            service_times = []
+            totals = {}
             for backend in backends:
                 async with self.session.get(backend["url"] + "/metrics") as response:
                     server = parse_metrics(await response.text())
-                if server.get("imgclass_server_service_seconds_count"):
-                    service_times.append(server["imgclass_server_service_seconds_sum"]
-                                         / server["imgclass_server_service_seconds_count"])  # fmt: skip
+                totals[backend["url"]] = (server.get("imgclass_server_service_seconds_sum", 0.0),
+                                          server.get("imgclass_server_service_seconds_count", 0.0))  # fmt: skip
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             return None
         depth = metrics.get("imgclass_balancer_in_flight", 0.0) + metrics.get("imgclass_balancer_queued", 0.0)
         arrival = self.arrivals.update(now, metrics.get("imgclass_balancer_requests_total", 0.0))
-        service_rate = 1 / (sum(service_times) / len(service_times)) if service_times else None
-        return Observation(now, current, depth, arrival, service_rate)
+        self.service.update(now, totals)
+        return Observation(now, current, depth, arrival, self.service.rate)
 
     async def close(self) -> None:
         if self.session is not None:

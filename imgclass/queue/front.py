@@ -363,4 +363,3 @@ def main(settings: BalancerSettings) -> None:
     name = settings.name or socket_url(sock).removeprefix("http://")
     app = create_app(settings, name)
     run(serve(app, sock, settings.server_options))
-

@@ -36,7 +36,9 @@ def free_port() -> int:
 
 
 def find_redis_server() -> str:
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
     if binary is None:
         raise ConfigError(
             "redis-server is not installed: run ./install_script.sh (it installs the Debian package redis-server), "

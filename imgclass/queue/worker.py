@@ -72,7 +72,16 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self.next_reclaim = 0.0
-        self.service_s: float | None = None  # EWMA of seconds per job when busy: the autoscaler's mu
+        # Entries delivered to this consumer name and not yet acknowledged: a result whose write
+        # failed while Redis was away, a batch fetched ahead and dropped, or the jobs of an earlier
+        # process with the same name. Read again (XREADGROUP from an id, the stream's own way to
+        # recover) at start and after every Redis error; the cursor keeps one pass from rereading
+        # what it already took.
+        self.recover_from: str | None = "0"
+        self.service_s: float | None = None  # EWMA of seconds per job when busy, for people
+        # the autoscaler's mu: differences of these two between heartbeats give a sliding mean
+        self.busy_s = 0.0
+        self.served = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.registry = CollectorRegistry()
         self.jobs = Counts("imgclass_worker_jobs", "Jobs finished by this worker, by outcome", ["outcome"],
@@ -92,7 +101,7 @@ class Worker:
             "name": self.name, "url": self.url, "backend": self.settings.backend, "model": self.backend.model_name,
             "max_batch": self.max_batch, "started": self.started, "processed": self.processed,
             "failed": self.failed, "in_batch": self.in_batch, "pid": os.getpid(), "host": socket.gethostname(),
-            "service_s": self.service_s,
+            "service_s": self.service_s, "busy_s": round(self.busy_s, 6), "served": self.served,
         }  # fmt: skip
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -157,12 +166,17 @@ class Worker:
                 # Redis restarting or unreachable: try again shortly; pending entries stay pending,
                 # and this worker (or another) takes them up again.
                 self.logger.warning("redis_unavailable", message=str(exc))
+                if ahead is not None:
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
                 ahead = None
+                self.in_batch = 0
+                self.recover_from = "0"
                 await asyncio.sleep(0.5)
 
     async def _fetch(self) -> Batch:
         """The next batch: entries of dead workers first, else new ones; started in one round trip."""
-        deliveries = await self._reclaim() or await self._read()
+        deliveries = await self._recover() or await self._reclaim() or await self._read()
         batch = Batch()
         if not deliveries:
             return batch
@@ -194,6 +208,8 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.infer_seconds.observe(elapsed)
         self.batch_sizes.observe(len(batch.jobs))
+        self.busy_s += elapsed
+        self.served += len(batch.jobs)
         per_job = elapsed / max(1, len(batch.jobs))
         self.service_s = per_job if self.service_s is None else 0.8 * self.service_s + 0.2 * per_job
         return results  # type: ignore[return-value]
@@ -234,12 +250,31 @@ class Worker:
             return got
         deadline = time.monotonic() + self.settings.batch_timeout_ms / 1000
         while len(got) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-            more = _deliveries(await redis_client.xreadgroup(
-                GROUP, self.name, {stream: ">"}, count=self.max_batch - len(got), block=max(1, int(left * 1000))))
+            more = _deliveries(
+                await redis_client.xreadgroup(
+                    GROUP, self.name, {stream: ">"}, count=self.max_batch - len(got), block=max(1, int(left * 1000))
+                )
+            )
             if not more:
                 break
             got += more
         return got
+
+    async def _recover(self) -> list[Delivery]:
+        """This consumer's own pending entries, after the cursor; [] (and recovery ends) when none are left."""
+        if self.recover_from is None:
+            return []
+        response = await self.broker.redis.xreadgroup(GROUP, self.name, {self.broker.keys.jobs: self.recover_from},
+                                                      count=self.max_batch)  # fmt: skip
+        entries = [entry for _, stream_entries in response or [] for entry, _ in stream_entries]
+        if not entries:
+            self.recover_from = None
+            return []
+        self.recover_from = _text(entries[-1])
+        deliveries = _deliveries(response)
+        if deliveries:
+            self.logger.warning("recovered", count=len(deliveries))
+        return deliveries
 
     async def _reclaim(self) -> list[Delivery]:
         """The pending entries of workers whose heartbeat has lapsed (a slow but live worker keeps its own)."""

@@ -1,0 +1,1 @@
+"""Autoscaling tests: policies, the controller, and real pools."""
