@@ -250,7 +250,7 @@ def main() -> int:
     for server in chosen[1:]:
         server.version = ensure_venv(server.key)
     print(f"# bench/peers.py  {time.strftime('%Y-%m-%d %H:%M')}  cores={os.cpu_count()}  224px JPEG of {len(jpeg)} "
-          f"bytes  {args.seconds:g} s runs, {args.concurrency} clients at saturation, medians of {args.rounds} rounds",
+          f"bytes  {args.seconds:g} s runs, {args.concurrency} clients at saturation, best and median of {args.rounds} rounds",
           flush=True)  # fmt: skip
     print(f"# engine in every venv: {', '.join(f'{p} {metadata.version(p)}' for p in SAME_AS_OURS)}; "
           f"perf_analyzer from tritonclient {perf or '(skipped)'}", flush=True)  # fmt: skip
