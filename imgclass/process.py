@@ -17,7 +17,7 @@ from .errors import ImgclassError
 _LISTENING = re.compile(r" listening .*url=(\S+)")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: ask Linux for SIGTERM when the parent dies, even by SIGKILL."""
     try:
         import ctypes
@@ -68,7 +68,7 @@ class Child:
             bufsize=1,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which stops us in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import itertools
 import math
+import os
 import secrets
-import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,13 @@ from ..measure.experiment import (
     jpeg_of,
     multipart,
     out_dir,
+    progress,
     run_info,
     write_json,
 )
 from ..measure.schedule import Schedule, parse_schedule
 from ..measure.stats import percentile, write_rows_csv
-from ..process import Child, stop_all
+from ..process import Child, stop_all, terminate_as_interrupt
 from ..queue.broker import Broker, client
 from ..queue.redis_server import RedisServer
 from .actuators import Actuator, LocalServers, LocalWorkers
@@ -56,16 +58,17 @@ ENV = {"IMGCLASS_LOG_LEVEL": "WARNING"}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="The same load trace against each scaling policy and "
                                 "against fixed pools, on sleep workers; a table and a timeline plot.")  # fmt: skip
-    p.add_argument("--schedule", default="step:8@30s,64@90s,8@120s",
-                   help="the rate over time (step:, ramp: or csv:) [default step:8@30s,64@90s,8@120s: the peak "
-                   "needs about 8 workers of 100 ms]")  # fmt: skip
+    p.add_argument("--schedule", default="step:4@30s,32@90s,4@120s",
+                   help="the rate over time (step:, ramp: or csv:) [default step:4@30s,32@90s,4@120s: the peak "
+                   "keeps 6.4 workers of 200 ms busy, and needs about 8]")  # fmt: skip
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated [default all]")
     p.add_argument("--dispatch", choices=("queue", "push", "both"), default="queue")
     p.add_argument("--min", type=int, default=1, dest="scale_min")
     p.add_argument("--max", type=int, default=12, dest="scale_max")
-    p.add_argument("--service-time", default="exp:100ms", help="sleep workers' service time [default exp:100ms]")
+    p.add_argument("--service-time", default="exp:200ms",
+                   help="sleep workers' service time: long, so that 16 workers fit on two cores [default exp:200ms]")  # fmt: skip
     p.add_argument(
-        "--slo-ms", type=float, default=1000.0, help="the latency objective: ten mean service times [default 1000]"
+        "--slo-ms", type=float, default=2000.0, help="the latency objective: ten mean service times [default 2000]"
     )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between evaluations")
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed pools at --min and --max")
@@ -170,6 +173,7 @@ def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: fl
     latency = [(i, (d - i) * 1000) for i, d, s in zip(records.intended, records.done, records.status, strict=True)
                if s == 200]  # fmt: skip
     errors = sum(1 for s in records.status if s != 200)
+    kinds = Counter(e or f"http_{s}" for s, e in zip(records.status, records.error, strict=True) if s != 200)
     steps = [s.start for s in schedule.segments]
     step_up = steps[1] if len(steps) > 1 else 0.0
     step_down = steps[2] if len(steps) > 2 else schedule.duration
@@ -192,6 +196,7 @@ def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: fl
     values = [ms for _, ms in latency]
     return {
         "mode": run["mode"], "policy": run["policy"], "requests": len(records), "errors": errors,
+        "error_kinds": " ".join(f"{k}:{n}" for k, n in kinds.most_common()),
         "over_slo": round(sum(ms > slo_ms for ms in values) / max(1, len(values)), 4),
         "over_slo_outside_first_scale_up": round(sum(ms > slo_ms for ms in outside) / max(1, len(outside)), 4),
         "p50_ms": round(percentile(values, 50), 1), "p99_ms": round(percentile(values, 99), 1),
@@ -202,6 +207,7 @@ def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: fl
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminate_as_interrupt()  # SIGTERM stops the run's processes in order, as Ctrl-C does
     try:
         schedule = parse_schedule(args.schedule)
     except ValueError as exc:
@@ -219,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(runs)} runs of the {duration_text(schedule.duration)} trace {schedule.text}")  # fmt: skip
     body, ctype = multipart(jpeg_of(Path(args.images) / "parrot.jpg", 64))
     info = run_info(PROG, argv, args)
-    logger = log.get_logger("test_autoscale", "autoscale", "WARNING")
+    logger = log.get_logger("test_autoscale", "autoscale", os.environ.get("IMGCLASS_LOG_LEVEL", "WARNING"))
     tmp = Path(tempfile.mkdtemp(prefix="imgclass-autoscale-"))
     rows, timelines = [], {}
     for k, (mode, policy) in enumerate(runs, 1):
-        print(f"# run {k} of {len(runs)}: {mode} {policy}", file=sys.stderr, flush=True)
+        progress(k, len(runs), f"{mode} {policy}", (len(runs) - k + 1) * (schedule.duration + 15))
         run = asyncio.run(one_run(mode, policy, schedule, args, tmp, body, ctype, logger))
         row = figures(run, schedule, args.slo_ms, args.interval, parse_service_time(args.service_time).mean)
         rows.append(row)
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(f"{k_}={v}" for k_, v in row.items()), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         write_rows_csv(out / "autoscale.csv", rows)
+        # after every run: a stopped experiment keeps what it measured, and its plot can be drawn
         write_json(out / "autoscale.json", {**info, "schedule": schedule.text, "slo_ms": args.slo_ms,
                                             "service_time": args.service_time, "rows": rows, "runs": timelines})  # fmt: skip
     for path in timeline_figure(out):

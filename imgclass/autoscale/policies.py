@@ -155,11 +155,20 @@ class SloSizing(ScalingPolicy):
         self.quantile = quantile  # None: size by the mean
         self.stabilizer = _Stabilizer(0.0, down_window)
 
+    def feasible(self, service_rate: float) -> bool:
+        """Whether any pool can meet the budget: the service time alone (mean or quantile) must fit."""
+        alone = 1 / service_rate if self.quantile is None else -math.log(1 - self.quantile) / service_rate
+        return alone <= self.slo_s / self.headroom
+
     def size(self, arrival: float, service_rate: float) -> int:
         budget = self.slo_s / self.headroom
-        if 1 / service_rate > budget:
-            return self.bounds.maximum  # one job alone takes longer than the budget: the best we can do
         c = max(1, math.ceil(arrival / service_rate))
+        if not self.feasible(service_rate):
+            # More workers cannot shorten a job: the most they can do is remove the wait. The
+            # smallest pool in which at most 5% of jobs wait at all (Erlang C), not the maximum.
+            while erlang_c(c, arrival / service_rate) > 0.05 and c < self.bounds.maximum * 4:
+                c += 1
+            return c
         while c < self.bounds.maximum * 4:
             if self.quantile is None:
                 time_in_system = mmc_mean_response(arrival, service_rate, c)
@@ -181,9 +190,10 @@ class SloSizing(ScalingPolicy):
         raw = max(raw, min(backlog, self.bounds.maximum))
         desired, why = self.stabilizer.apply(obs.time, obs.current, self.bounds.clamp(raw))
         what = f"p{self.quantile * 100:g}" if self.quantile else "mean"
+        goal = (f"M/M/c {what} under {self.slo_s * 1000:.0f}/{self.headroom:g} ms" if self.feasible(obs.service_rate)
+                else f"the service time alone misses {self.slo_s * 1000:.0f}/{self.headroom:g} ms; at most 5% waiting")  # fmt: skip
         return Decision(self.bounds.clamp(desired), raw,
-                        f"lambda {obs.arrival_rate:.1f}/s mu {obs.service_rate:.2f}/s: M/M/c {what} under "
-                        f"{self.slo_s * 1000:.0f}/{self.headroom:g} ms needs {raw}; {why}")  # fmt: skip
+                        f"lambda {obs.arrival_rate:.1f}/s mu {obs.service_rate:.2f}/s: {goal} needs {raw}; {why}")  # fmt: skip
 
 
 POLICIES: dict[str, type[ScalingPolicy]] = {p.name: p for p in (QueueDepth, TargetTracking, SloSizing)}

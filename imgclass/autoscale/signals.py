@@ -40,6 +40,23 @@ class Rate:
         return self.value
 
 
+class ArrivalRate:
+    """The arrival rate as a sizing policy should see it: quick to rise, slow to fall.
+
+    The larger of two smoothed rates, over `window` and over a fifth of it (Knative's stable and
+    panic windows): a step up shows within a few seconds, while a dip must last a whole window
+    before the estimate, and so the pool, follows it down.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.stable = Rate(window)
+        self.panic = Rate(window / 5)
+
+    def update(self, now: float, count: float) -> float | None:
+        values = [v for v in (self.stable.update(now, count), self.panic.update(now, count)) if v is not None]
+        return max(values) if values else None
+
+
 class ServiceTime:
     """Seconds of service per job, as the mean over the jobs of the last `window` seconds.
 
@@ -50,8 +67,9 @@ class ServiceTime:
     pool look slow. A worker that restarted (its totals went down) gives no sample that time.
     """
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, min_jobs: int = 10) -> None:
         self.window = window
+        self.min_jobs = min_jobs  # fewer jobs than this in the first window: no estimate yet
         self.last: dict[str, tuple[float, float]] = {}
         self.samples: deque[tuple[float, float, float]] = deque()  # (time, busy seconds, jobs)
         self.value: float | None = None
@@ -69,7 +87,7 @@ class ServiceTime:
         while self.samples and self.samples[0][0] < now - self.window:
             self.samples.popleft()
         total_jobs = sum(j for _, _, j in self.samples)
-        if total_jobs:
+        if total_jobs >= self.min_jobs or (total_jobs and self.value is not None):
             self.value = sum(b for _, b, _ in self.samples) / total_jobs
         return self.value  # the last estimate holds while the pool is idle
 
@@ -92,7 +110,7 @@ class QueueSignals(Signals):
 
     def __init__(self, broker: Broker, window: float) -> None:
         self.broker = broker
-        self.arrivals = Rate(window)
+        self.arrivals = ArrivalRate(window)
         self.completions = Rate(window)
         self.service = ServiceTime(window)
 
@@ -134,7 +152,7 @@ class PushSignals(Signals):
 
     def __init__(self, balancer_url: str, window: float) -> None:
         self.balancer_url = balancer_url.rstrip("/")
-        self.arrivals = Rate(window)
+        self.arrivals = ArrivalRate(window)
         self.service = ServiceTime(window)
         self.session: aiohttp.ClientSession | None = None
         self.timeout = aiohttp.ClientTimeout(total=2.0)

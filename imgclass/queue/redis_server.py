@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..process import die_with_parent
 
 # appendfsync everysec: an acknowledged job survives a crash of Redis itself (the process), and at
 # most about one second of acknowledged writes is lost if the machine dies (README).
@@ -84,8 +85,10 @@ class RedisServer:
         self._close_pipe()  # of an earlier run, when restarted
         conf = self.directory / "redis.conf"
         conf.write_text(render(["127.0.0.1"], self.port, self.directory))
+        # its own session (a Ctrl-C meant for us does not reach it before we stop it in order), but
+        # it dies with us: a SIGKILLed `imgclass up` leaves no redis-server behind
         self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)  # fmt: skip
+                                     start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

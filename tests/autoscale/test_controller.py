@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from prometheus_client import generate_latest
@@ -11,7 +12,7 @@ from imgclass import log
 from imgclass.autoscale.actuators import Actuator
 from imgclass.autoscale.controller import Controller
 from imgclass.autoscale.policies import Bounds, Observation, QueueDepth
-from imgclass.autoscale.signals import Rate, ServiceTime, Signals, parse_metrics
+from imgclass.autoscale.signals import ArrivalRate, Rate, ServiceTime, Signals, parse_metrics
 
 
 class Script(Signals):
@@ -88,7 +89,7 @@ def test_rate_is_an_ewma_of_the_counter() -> None:
 
 
 def test_service_time_is_the_mean_over_the_window_s_jobs_across_workers() -> None:
-    est = ServiceTime(window=10.0)
+    est = ServiceTime(window=10.0, min_jobs=1)
     assert est.update(0.0, {"a": (0.0, 0), "b": (0.0, 0)}) is None  # totals only: no difference yet
     # a served 2 jobs in 1.0 s, b 8 jobs in 0.6 s: 1.6 s over 10 jobs, not the mean of 0.5 and 0.075
     assert est.update(1.0, {"a": (1.0, 2), "b": (0.6, 8)}) == pytest.approx(0.16)
@@ -99,3 +100,28 @@ def test_service_time_is_the_mean_over_the_window_s_jobs_across_workers() -> Non
     assert est.update(3.0, {"a": (1.2, 4), "b": (0.05, 1), "c": (0.3, 3)}) == pytest.approx(1.8 / 12)
     # the first two samples leave the window; only a's last 0.1 s over 1 job counts
     assert est.update(12.5, {"a": (1.3, 5), "b": (0.05, 1), "c": (0.3, 3)}) == pytest.approx(0.1)
+
+
+def test_service_time_waits_for_enough_jobs_before_its_first_estimate() -> None:
+    est = ServiceTime(window=10.0, min_jobs=10)
+    est.update(0.0, {"a": (0.0, 0)})
+    assert est.update(1.0, {"a": (2.0, 3)}) is None  # three long jobs: not yet an estimate
+    assert est.update(2.0, {"a": (2.7, 10)}) == pytest.approx(0.27)  # ten jobs in the window
+    assert est.update(3.0, {"a": (2.9, 11)}) == pytest.approx(2.9 / 11)  # from then on, every job counts
+
+
+def test_arrival_rate_rises_with_the_short_window_and_falls_with_the_long_one() -> None:
+    rate = ArrivalRate(window=10.0)
+    rate.update(0.0, 0)
+    assert rate.update(1.0, 10) == 10.0
+    count = 10.0
+    for t in range(2, 6):  # the load steps up to 100/s
+        count += 100
+        value = rate.update(float(t), count)
+    # the 2 s window has moved 1 - e^(-4/2) = 86% of the way; the 10 s one only 33%
+    assert value == pytest.approx(100 - 90 * math.exp(-2.0))
+    for t in range(6, 10):  # and back down to 10/s: the 10 s window holds it up
+        count += 10
+        value = rate.update(float(t), count)
+    slow = 10 + 90 * (1 - math.exp(-0.4)) * math.exp(-0.4)  # up for 4 s, down for 4 s, over 10 s
+    assert value == pytest.approx(slow)

@@ -196,9 +196,14 @@ def test_slo_holds_without_rates_but_never_leaves_jobs_without_a_worker() -> Non
     assert policy.decide(obs(2, 0, 0)).desired == 0
 
 
-def test_slo_with_a_job_longer_than_the_budget_asks_for_the_maximum() -> None:
+def test_slo_with_a_job_longer_than_the_budget_removes_the_wait_not_more() -> None:
+    # mu 2/s: the service time's p95 alone is ln 20 / 2 = 1.5 s, over the 400 ms budget, and no pool
+    # can shorten it. The smallest c in which at most 5% wait: a = 0.5, C(1) = 0.5,
+    # C(2) = (0.125 x 2 / 1.5) / (1.5 + 0.1667) = 0.1, C(3) = (0.02083 x 3 / 2.5) / (1.625 + 0.025) = 0.0152.
     policy = SloSizing(Bounds(1, 8), slo_s=0.5, headroom=1.25)
-    assert policy.size(1.0, 2.0) == 8  # 500 ms per job, budget 400 ms
+    assert not policy.feasible(2.0) and policy.feasible(10.0)
+    assert policy.size(1.0, 2.0) == 3
+    assert "alone misses" in policy.decide(obs(0, 1, 0, arrival=1.0, mu=2.0)).reason
 
 
 def test_slo_scale_down_waits_its_window() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import EngineUnavailable
 from ...log import EventLogger
-from ...process import _die_with_parent
+from ...process import die_with_parent
 from .config import Layout
 
 MIN_VERSION = (2, 6)  # http-error, retry-on, the Prometheus exporter, `set server ... check-port`
@@ -76,7 +76,7 @@ class HaproxyProcess:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             pass_fds=(layout.public_fd,),
             # A terminal's Ctrl-C goes to us, which stops HAProxy in order; if we die, so does it.
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         return cls(proc, logger, primary)
 
