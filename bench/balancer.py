@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Our balancer against nginx (`random; keepalive 64`) and a bare ASGI forwarder, on the same sleep backends.
+"""Our balancer, its HAProxy engine mode, nginx (`random; keepalive 64`) and a bare ASGI forwarder, on the same sleep backends.
 
     IMGCLASS_MODEL_DIR=../shared/models .venv/bin/python bench/balancer.py [--seconds 10]
 
@@ -15,6 +15,9 @@ for that median from order statistics, so that a PASS or FAIL within the host's 
 
 The third proxy, "bare-asgi" (bench/asgi_proxy.py), is uvicorn and aiohttp with nothing else: the
 floor of the stack the balancer stands on, so the balancer's CPU beyond it is what its features cost.
+The fourth, "haproxy", is `imgclass balance --engine haproxy`: HAProxy forwards (one thread, as
+nginx has one worker) and the balancer's process is its control plane; its CPU is HAProxy's master
+and worker plus the control plane's, together.
 
 By default every process shares every core, which is how the targets are checked. --pin (two
 cores or more) gives the proxy under test the last core to itself and puts the backends, the load
@@ -52,6 +55,8 @@ from imgclass.measure.stats import median_ci  # noqa: E402
 from imgclass.process import Child, stop_all  # noqa: E402
 
 CPU_TARGET = 5.0  # issue 15: CPU per forwarded request at most 5 x nginx's, on uvicorn and aiohttp
+ENGINE_TARGET = 1.2  # issue 20: engine mode (HAProxy and its control plane) at most 1.2 x nginx's
+RATIOS = {"imgclass": "ours/nginx", "haproxy": "engine/nginx", "bare-asgi": "bare/nginx"}
 
 NGINX_HTTP = """
     client_body_buffer_size 128k;
@@ -67,6 +72,21 @@ NGINX_SERVER = """
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }"""
+
+
+def find_haproxy() -> str | None:
+    return shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"]))
+
+
+def family(pid: int) -> list[int]:
+    """A process and every process below it, from /proc: the control plane, HAProxy's master and worker."""
+    found, stack = [pid], [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").iterdir():
+            kids = [int(k) for k in (task / "children").read_text().split()]
+            found += kids
+            stack += kids
+    return found
 
 
 def free_port() -> int:
@@ -156,6 +176,18 @@ def main() -> int:
         # direct = the client picks a backend at random itself: same load per backend, one hop fewer
         spread = tuple(b + "/predict" for b in backends)
         targets["imgclass"] = (ours_url, [ours.pid])
+        if find_haproxy():
+            engine = Child(["balance", "--engine", "haproxy", "--port", "0", "--backends", ",".join(backends)], env=env)
+            children.append(engine)
+            engine_url = engine.wait_url() + "/submit"
+            engine_pids = family(engine.pid)
+            print(f"# engine mode: control plane pid {engine.pid}, HAProxy master and worker {engine_pids[1:]}, "
+                  "nbthread 1")  # fmt: skip
+            for pid in engine_pids if pinned else []:
+                pin(pid, {cpus[-1]})
+            targets["haproxy"] = (engine_url, engine_pids)
+        else:
+            print("# SKIP haproxy: not installed (./install_script.sh --dev installs it); engine mode is not measured")
         bare_port = free_port()
         bare = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "asgi_proxy:app", "--port", str(bare_port), "--http", "httptools",
@@ -236,8 +268,8 @@ def main() -> int:
             bare.wait(10)
         stop_all(children)
 
-    proxies = [k for k in ("imgclass", "bare-asgi", "nginx") if k in targets]
-    print(f"\n{'':44}{'direct':>10}" + "".join(f"{k:>11}" for k in proxies) + f"{'ours/nginx':>12}{'bare/nginx':>12}")
+    proxies = [k for k in ("imgclass", "haproxy", "bare-asgi", "nginx") if k in targets]
+    print(f"\n{'':44}{'direct':>10}" + "".join(f"{k:>11}" for k in proxies) + "".join(f"{v:>13}" for v in RATIOS.values()))
 
     def row(label: str, values: dict[str, float], fmt: str, ratio: bool = True) -> None:
         cells = "".join(
@@ -248,7 +280,7 @@ def main() -> int:
         def r(k: str) -> float:
             return values[k] / values["nginx"] if ratio and values.get("nginx") and k in values else float("nan")
 
-        print(f"{label:44}{cells}{r('imgclass'):>12.2f}{r('bare-asgi'):>12.2f}")
+        print(f"{label:44}{cells}" + "".join(f"{r(k):>13.2f}" for k in RATIOS))
 
     row("CPU ms/request at half load", {k: v[2] for k, v in lat.items() if k != "direct"}, ".3f")
     row("run-queue wait ms/request at half load", {k: v[3] for k, v in lat.items() if k != "direct"}, ".3f")
@@ -267,9 +299,17 @@ def main() -> int:
         cpu_ratio = lat["imgclass"][2] / lat["nginx"][2]
         print(f"\ntarget: our CPU/request <= {CPU_TARGET:g} x nginx's at half load: {cpu_ratio:.2f} x -> "
               f"{'PASS' if cpu_ratio <= CPU_TARGET else 'FAIL'}")  # fmt: skip
+    if "nginx" in lat and "haproxy" in lat:
+        engine_ratio = lat["haproxy"][2] / lat["nginx"][2]
+        print(f"target: engine mode's CPU/request (HAProxy + control plane) <= {ENGINE_TARGET:g} x nginx's at half "
+              f"load: {engine_ratio:.2f} x -> {'PASS' if engine_ratio <= ENGINE_TARGET else 'FAIL'}")  # fmt: skip
     point, (lo, hi) = added["imgclass"][0], added_ci["imgclass"]
     margin = "" if math.isnan(lo) else f" (95% CI {lo:.2f} to {hi:.2f} ms)"
     print(f"our added p50 at half load: {point:.3f} ms{margin}; nginx's {added['nginx'][0] if 'nginx' in added else float('nan'):.3f} ms")
+    if "haproxy" in added:
+        (lo, hi), (p50, p99) = added_ci["haproxy"], added["haproxy"]
+        print(f"engine mode's added p50 at half load: {p50:.3f} ms (95% CI {lo:.2f} to {hi:.2f} ms), p99 {p99:.3f} ms; "
+              f"throughput at saturation {sat['haproxy'][0]:.0f} req/s")  # fmt: skip
     print(f"saturation load: {'wrk -t1 -c32' if shutil.which('wrk') else 'imgclass closed loop, 32 clients'}, "
           f"{args.seconds:.0f} s; half load: open-loop Poisson from imgclass.loadgen, {args.rounds} rounds of "
           f"{args.round_seconds:g} s, targets shuffled in each; {placement}")  # fmt: skip

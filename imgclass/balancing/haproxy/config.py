@@ -47,8 +47,8 @@ COUNTED = ("no_backend", "queue_full")  # refusals counted in proc.* variables (
 # (HAProxy's retry-on): 64 KB holds the ~40 KB photos the benchmarks send, with their headers.
 # A larger upload is retried only when its connection failed, before anything was sent.
 BUFSIZE = 65536
-# A fresh X-Request-ID: connection addresses, time and pid, in hex (a plain token, as web.app wants).
-UNIQUE_ID = "%{+X}o%ci%cp%fi%fp%Ts%rt%pid"
+# A fresh X-Request-ID: the process, its start time and its request counter, in hex (a plain token).
+UNIQUE_ID = "%{+X}o%pid%Ts%rt"
 RETRY_AFTER_S = 1  # what the Python engine's own 503s advise
 MAX_WEIGHT = 256
 NO_ADDRESS = "0.0.0.0:0"  # an empty slot: HAProxy needs some address, and a disabled server never uses it
@@ -152,6 +152,9 @@ def _global(settings: BalancerSettings, layout: Layout) -> list[str]:
         f"    stats socket {layout.stats_socket} mode 600 level admin",
         f"    hard-stop-after {round(ServerOptions().graceful_s)}s",  # SIGTERM drains for as long as uvicorn's
         f"    tune.bufsize {BUFSIZE}",
+        # Per-task CPU accounting: "auto" turns it on under load, when it costs most, for a profile
+        # that engine mode never reads.
+        "    profiling.tasks off",
     ]
     if settings.log_level == "DEBUG":
         lines.append("    log stderr format raw daemon")  # one line per request, relayed into our log
@@ -194,6 +197,10 @@ def _defaults(settings: BalancerSettings) -> list[str]:
         "    option http-buffer-request",
         f"    retry-on {retry_on}",
         "    option redispatch 1",
+        # Idle connections to the model servers serve any client's request, as nginx's keepalive pool
+        # does ("safe" gives each client connection's first request a new one: one connect in ten here).
+        # A server that closes an idle one just then costs an empty response, retried above.
+        "    http-reuse always",
         *(f"    http-error {_reply(status, error, retry)}" for status, error, retry in errors),
     ]
 
@@ -206,6 +213,7 @@ def _frontend(settings: BalancerSettings, layout: Layout) -> list[str]:
                   f"{count} (the backends this balancer has), not %[url_param(number_backend_servers),json(utf8s)]."
                   '"}')  # fmt: skip
     max_body = Limits(max_upload=settings.max_upload_bytes).max_body
+    main = primary(settings, layout)
     return [
         "frontend public",
         f"    bind fd@{layout.public_fd}",
@@ -213,32 +221,32 @@ def _frontend(settings: BalancerSettings, layout: Layout) -> list[str]:
         # X-Request-ID: the client's if it is one plain token, else a fresh one (as web.app does)
         f"    acl request_id_ok req.fhdr(x-request-id) -m reg ^{_REQUEST_ID.pattern}$",
         "    acl request_id_one req.fhdr_cnt(x-request-id) eq 1",
-        "    http-request set-var(txn.rid) req.fhdr(x-request-id) if request_id_one request_id_ok",
-        "    http-request set-var(txn.rid) unique-id unless { var(txn.rid) -m found }",
-        "    http-request set-header X-Request-ID %[var(txn.rid)]",
-        "    http-after-response set-header X-Request-ID %[var(txn.rid)]",
+        "    http-request set-header X-Request-ID %[unique-id] unless request_id_one request_id_ok",
+        "    http-request set-var(txn.rid) req.fhdr(x-request-id)",
+        "    http-after-response set-header X-Request-ID %[var(txn.rid)]",  # HAProxy's own answers too
         # Content-Length is checked before anything is read; a chunked upload, by the model server.
         f"    http-request deny deny_status 413 content-type application/json string '{_body(too_large(settings.max_upload_bytes))}' "
         f"if {{ req.hdr_val(content-length) gt {max_body} }}",
         f"    http-request use-service prometheus-exporter if {{ path {EXPORTER_PATH} }}",
         f"    acl forwarded path {' '.join(FORWARDED_PATHS)}",
         f"    acl forwarded path_reg {FORWARDED_PATTERN}",
+        "    http-request set-path /predict if { path /submit }",  # the model server's route
+        # Per-request options (policy=, number_backend_servers=) come in the query: a request without
+        # one goes to the primary backend, and the rules below cost it one look for a '?'.
+        "    acl with_query query -m found",
         "    acl policy_given url_param(policy) -m found",
         f"    acl policy_known url_param(policy) -m str {' '.join(names)}",
         "    acl prefix_given url_param(number_backend_servers) -m found",
         "    acl prefix_digits url_param(number_backend_servers) -m reg ^[0-9]{1,4}$",
-        f"    http-request return {_reply(400, bad_policy)} if forwarded policy_given !policy_known",
-        "    http-request set-var(txn.policy) url_param(policy) if forwarded policy_given",
-        f"    http-request set-var(txn.policy) str({settings.policy}) if forwarded !policy_given",
+        f"    http-request return {_reply(400, bad_policy)} if with_query policy_given !policy_known forwarded",
+        "    http-request set-var(txn.policy) url_param(policy) if with_query policy_given forwarded",
         # k -> the prefix of slots holding k members; 0 for a k out of range (the map's default too)
         f"    http-request set-var(txn.prefix) url_param(number_backend_servers),map_str_int({layout.prefix_map},0) "
-        "if forwarded prefix_given prefix_digits",
+        "if with_query prefix_given prefix_digits forwarded",
         "    http-request return status 400 content-type application/json "
-        f"lf-string '{bad_prefix}' if forwarded prefix_given !{{ var(txn.prefix) -m int gt 0 }}",
-        f"    http-request set-var(txn.prefix) int({layout.slots}) if forwarded !prefix_given",
-        "    http-request set-path /predict if { path /submit }",  # the model server's route
-        f"    http-response set-header X-Backend %[srv_name,map({layout.backend_map})] if {{ var(txn.policy) -m found }}",
-        "    use_backend %[var(txn.policy)].%[var(txn.prefix)] if forwarded",
+        f"lf-string '{bad_prefix}' if with_query prefix_given forwarded !{{ var(txn.prefix) -m int gt 0 }}",
+        f"    use_backend {main} if forwarded !with_query",
+        f"    use_backend %[var(txn.policy,{settings.policy})].%[var(txn.prefix,{layout.slots})] if forwarded",
         "    default_backend control",
     ]
 
@@ -255,6 +263,7 @@ def _backend(settings: BalancerSettings, layout: Layout, slots: Sequence[SlotLin
     lines = [
         f"backend {name}",
         f"    balance {BALANCE[policy]}",
+        f"    http-response set-header X-Backend %[srv_name,map({layout.backend_map})]",  # the URL, as the Python engine's
         *_counted("no_backend", "nbsrv() eq 0"),
         f"    http-request return {_reply(503, no_backend, True)} if {{ nbsrv() eq 0 }}",
     ]

@@ -64,7 +64,7 @@ class ControlPlane:
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
                                              timeout=aiohttp.ClientTimeout(total=self.check_timeout))  # fmt: skip
         await self.supervisor.start()
-        self._names = asyncio.create_task(self._learn_names(), name="model server names")
+        self.learn_names()
 
     async def launch(self) -> HaproxyProcess:
         """Render haproxy.cfg and its maps from the current membership, check it, start HAProxy and wait
@@ -102,10 +102,15 @@ class ControlPlane:
             await asyncio.sleep(0.02)
 
     async def _learn_names(self) -> None:
+        """Until every member has told its name; started again when one is added."""
         assert self.session is not None
-        while True:
+        while any(m.name is None for m in self.membership.members()):
             await self.membership.learn_names(self.session, self.check_timeout)
             await asyncio.sleep(self.settings.health_interval)
+
+    def learn_names(self) -> None:
+        if self._names is None or self._names.done():
+            self._names = asyncio.create_task(self._learn_names(), name="model server names")
 
     # --- state, read back from HAProxy ---------------------------------------------------------
 
