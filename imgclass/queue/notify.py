@@ -2,7 +2,8 @@
 
 Workers add a line to the done stream as they write each outcome (in the same atomic step). Each
 front process reads that stream with one blocking XREAD and wakes the requests waiting for those
-jobs. A waiter also looks at the job itself every `fallback_s`, in case a notification was missed
+jobs. A waiter also looks at the job itself after `fallback_s`, then at doubling intervals up to 16
+times that, in case a notification was missed
 (the front was reconnecting to Redis, or the stream was trimmed past it); each outcome found that
 way is counted, so a missed-notification problem shows on /metrics instead of as slow answers.
 """
@@ -70,6 +71,10 @@ class Notifier:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         fields = known
+        # The look at the job backs off (1, 2, 4 ... 16 s): a thousand requests waiting on a long
+        # queue must not cost Redis and this process a thousand lookups a second for what is only
+        # a safety net under the notifications.
+        delay = self.fallback_s
         while True:
             # Listen before looking, so that an outcome written in between is not missed.
             future: asyncio.Future[dict[str, str]] = loop.create_future()
@@ -83,13 +88,19 @@ class Notifier:
                 if remaining <= 0:
                     return fields
                 try:
-                    notified = await asyncio.wait_for(future, min(remaining, self.fallback_s))
+                    notified = await asyncio.wait_for(future, min(remaining, delay))
                     return {**fields, **notified}
                 except asyncio.TimeoutError:
                     pass
             finally:
                 self._forget(job_id, future)
-            fields = await self.broker.job(job_id)
+            delay = min(delay * 2, 16 * self.fallback_s)
+            try:
+                looked = await self.broker.job(job_id)
+            except RedisError:
+                continue  # a failed look is not the job's fault: keep waiting for the notification
+            if looked is not None:
+                fields = looked
             if fields is not None and fields.get("status") in FINAL:
                 self.fallbacks += 1  # finished, and no notification told us
                 return fields
