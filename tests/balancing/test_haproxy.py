@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -316,3 +317,21 @@ def test_without_haproxy_the_engine_says_how_to_install_it() -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "apt-get install haproxy" in proc.stderr and "install_script.sh" in proc.stderr, proc.stderr
+
+
+def test_a_client_that_leaves_the_queue_frees_its_place(spawn, small_jpeg: bytes) -> None:
+    slow = sleep_children(spawn, 1, "const:1s", threads=2)
+    url = engine(spawn, [slow[0].url], "--max-conn", "1").url
+    body, ctype = multipart({"image": ("x.jpg", small_jpeg, "image/jpeg")})
+    host, port = url.removeprefix("http://").split(":")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post_image, url + "/submit", small_jpeg)
+        time.sleep(0.2)  # the first holds the server's one slot; the second waits in HAProxy's queue
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            time.sleep(0.3)
+        assert first.result()[0] == 200
+    time.sleep(1.2)
+    assert served_by_server(slow[0].url) == 1  # the one that left never reached the server
+    assert metrics(url)['imgclass_balancer_client_gone_total{stage="queued"}'] == 1

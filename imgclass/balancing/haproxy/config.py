@@ -201,6 +201,8 @@ def _defaults(settings: BalancerSettings) -> list[str]:
         # does ("safe" gives each client connection's first request a new one: one connect in ten here).
         # A server that closes an idle one just then costs an empty response, retried above.
         "    http-reuse always",
+        # A client that leaves frees its place in the queue, and its server connection is closed.
+        "    option abortonclose",
         *(f"    http-error {_reply(status, error, retry)}" for status, error, retry in errors),
     ]
 

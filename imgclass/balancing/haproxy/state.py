@@ -126,7 +126,9 @@ class EngineMetrics(Collector):
                                       labels=["reason"])  # fmt: skip
         refused.add_metric(["full"], self.counts.get("queue_full", 0))
         yield refused
-        gone = CounterMetricFamily("imgclass_balancer_client_gone", "Requests whose client left", labels=["stage"])
+        gone = CounterMetricFamily("imgclass_balancer_client_gone", "Requests whose client left: queued (HAProxy "
+                                   "ends them without a status), or forwarding (its client aborts)", labels=["stage"])  # fmt: skip
+        gone.add_metric(["queued"], total("hrsp_other"))
         gone.add_metric(["forwarding"], total("cli_abrt"))
         yield gone
         yield CounterMetricFamily("imgclass_balancer_engine_restarts", "Times HAProxy died and was started again",
