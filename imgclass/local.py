@@ -225,6 +225,8 @@ def up(argv: Sequence[str]) -> int:
     ns = parser.parse_args(argv)
     if ns.servers > 64:
         raise ConfigError(f"--servers {ns.servers} is more than 64; start at most 64 servers on one machine.")
+    if ns.dispatch == "queue" and ns.engine != "python":
+        raise ConfigError(f"--engine {ns.engine} forwards pushed requests; leave it out with --dispatch queue.")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
