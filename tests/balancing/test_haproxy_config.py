@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from imgclass import log
 from imgclass.balancing.haproxy import config as cfg
+from imgclass.balancing.haproxy.membership import Member, Membership
+from imgclass.balancing.haproxy.runtime import RuntimeAPI
 from imgclass.balancing.policies import POLICIES
 from imgclass.balancing.settings import BalancerSettings
 from imgclass.errors import EngineUnavailable
@@ -91,13 +95,37 @@ def test_a_policy_haproxy_lacks_is_refused(tmp_path: Path) -> None:
         rendered(BalancerSettings.make(policy="fastest"), tmp_path, 3)
 
 
-COMBINATIONS = list(itertools.product(BALANCE, (0, 2), (0.0, 1.5), (1, 8), (1, 2)))
+# Every policy with and without --max-conn and --try-timeout, one slot or eight, and two threads with
+# HAProxy's request log (--log-level debug) against one thread without.
+COMBINATIONS = list(itertools.product(BALANCE, (0, 2), (0.0, 1.5), (1, 8), ((1, "INFO"), (2, "DEBUG"))))
 
 
-@pytest.mark.parametrize(("policy", "max_conn", "try_timeout", "slots", "threads"), COMBINATIONS)
-def test_haproxy_accepts_the_file(policy: str, max_conn: int, try_timeout: float, slots: int, threads: int,
-                                  tmp_path: Path, public: socket.socket) -> None:  # fmt: skip
+@pytest.mark.parametrize(("policy", "max_conn", "try_timeout", "slots", "threads_and_log"), COMBINATIONS)
+def test_haproxy_accepts_the_file(policy: str, max_conn: int, try_timeout: float, slots: int,
+                                  threads_and_log: tuple[int, str], tmp_path: Path, public: socket.socket) -> None:  # fmt: skip
     binary = require_haproxy()
-    settings = BalancerSettings.make(policy=policy, max_conn=max_conn, try_timeout=try_timeout, haproxy_threads=threads)
+    threads, log_level = threads_and_log
+    settings = BalancerSettings.make(policy=policy, max_conn=max_conn, try_timeout=try_timeout, haproxy_threads=threads,
+                                     log_level=log_level)  # fmt: skip
     layout, _ = rendered(settings, tmp_path, public.fileno(), slots)
     cfg.validate(binary, layout)  # raises EngineUnavailable with haproxy's words
+
+
+def test_a_refused_file_is_reported_with_haproxys_words(tmp_path: Path, public: socket.socket) -> None:
+    binary = require_haproxy()
+    layout, text = rendered(BalancerSettings.make(), tmp_path, public.fileno())
+    layout.cfg.write_text(text.replace("    balance random(1)", "    balance fastest", 1))
+    with pytest.raises(EngineUnavailable, match="balance only supports"):
+        cfg.validate(binary, layout)
+
+
+def test_the_prefix_map_counts_members_in_slot_order(tmp_path: Path) -> None:
+    layout = cfg.Layout(tmp_path, 3, 5)
+    members = Membership(BalancerSettings.make(), layout, RuntimeAPI(layout.stats_socket), asyncio.Lock(),
+                         log.get_logger("t", "test"))  # fmt: skip
+    members.slots = [Member("http://a:1", "10.0.0.1", 1, 0), None, Member("http://b:1", "10.0.0.2", 1, 2, draining=True),
+                     Member("http://c:1", "10.0.0.3", 1, 3), None]  # fmt: skip
+    # k=2 needs the first four slots: the second is free and the third drains
+    assert members.prefixes() == {"count": "2", "1": "1", "2": "4", "3": "0", "4": "0", "5": "0"}
+    assert members.urls() == {"s1": "http://a:1", "s2": "-", "s3": "http://b:1", "s4": "http://c:1", "s5": "-"}
+    assert [line.enabled for line in members.lines()] == [True, False, False, True, False]
