@@ -124,7 +124,7 @@ async def model_stats(plane: ControlPlane, request: Request) -> Response:
 
 
 def create_app(plane: ControlPlane) -> App:
-    """The control plane's app; HAProxy starts with the app, and stops with it."""
+    """The control plane's app; HAProxy stops with it (serve() starts it first)."""
     logger = plane.logger
     app = App(logger, Limits(max_upload=plane.settings.max_upload_bytes))
     app.state = plane
@@ -159,13 +159,6 @@ def create_app(plane: ControlPlane) -> App:
     for path in (*TFS_MODEL, *model_paths(TFS_MODEL, "/metadata")):
         protocol("GET", path, from_backends)
 
-    async def start() -> None:
-        await plane.start()
-        process = plane.process
-        logger.info("ready", engine="haproxy", backends=len(plane.membership.members()), slots=plane.layout.slots,
-                    policy=plane.settings.policy, haproxy_pid=process.pid if process else None)  # fmt: skip
-
-    app.on_startup.append(start)
     app.on_shutdown.append(plane.stop)
     return app
 
@@ -219,9 +212,15 @@ async def serve(app: App, plane: ControlPlane, sock: socket.socket, options: Ser
     """
     logger = app.logger
     _attach_uvicorn_log(logger)
-    server = _ControlServer(uvicorn_config(app, options))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
+        # HAProxy first, outside uvicorn's startup: a failure to start it is a named error that the
+        # command reports in one sentence (uvicorn would exit from inside its task instead).
+        await plane.start()
+        process = plane.process
+        logger.info("ready", engine="haproxy", backends=len(plane.membership.members()), slots=plane.layout.slots,
+                    policy=plane.settings.policy, haproxy_pid=process.pid if process else None)  # fmt: skip
+        server = _ControlServer(uvicorn_config(app, options))
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
@@ -233,11 +232,7 @@ async def serve(app: App, plane: ControlPlane, sock: socket.socket, options: Ser
             logger.notice("stopping")
             await plane.drain()
             server.exit()
-        try:
-            await task
-        except SystemExit:  # uvicorn exits when the app's startup fails; the app has logged why
-            logger.error("startup_failed")
-            raise
+        await task
     finally:
         await plane.stop()
     logger.notice("stopped")

@@ -172,7 +172,7 @@ def _defaults(settings: BalancerSettings) -> list[str]:
                  else NoBackendAvailable("No model server could take the request; retry shortly."))  # fmt: skip
     errors = [
         (400, RequestError("The request is not valid HTTP; check its request line and headers."), False),
-        (408, RequestTimeout(f"The request stalled: nothing arrived for {limits.read_timeout_s:g} s."), False),
+        (408, RequestTimeout(f"The request did not arrive within {limits.read_timeout_s:g} s; send it again."), False),
         (413, too_large(settings.max_upload_bytes), False),
         (500, unexpected(), False),
         (502, UpstreamError("The model server failed to answer; retry shortly."), False),
