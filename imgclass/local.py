@@ -180,6 +180,8 @@ class LocalCluster:
                 "--max-conn", str(max_conn), "--queue-size", str(self.ns.queue_size),
                 "--queue-timeout", str(self.ns.queue_timeout), "--http", self.ns.http]  # fmt: skip
         args += ["--engine", getattr(self.ns, "engine", "python")]  # the data plane: Python, or HAProxy driven by it
+        if getattr(self.ns, "autoscale", None):  # engine haproxy: server slots for the autoscaler's most, and churn
+            args += ["--slots", str(max(8, 2 * self.ns.autoscale[1]))]
         if self.ns.seed is not None:
             args += ["--seed", str(self.ns.seed)]
         env = {"IMGCLASS_ADMIN_TOKEN": self.ns.admin_token} if self.ns.admin_token else None
