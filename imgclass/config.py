@@ -368,8 +368,8 @@ OPTIONS: dict[str, Option] = {
         # balancer
         Option("backends", url_list, None, "comma-separated model server URLs", (BALANCE,)),
         Option("backends_file", text, None, "file with one model server URL per line", (BALANCE,)),
-        Option("cluster", text, None, "cluster.json from 'imgclass testbed hosts': its servers become backends",
-               (BALANCE,)),
+        Option("cluster", text, None, "cluster.json from 'imgclass testbed hosts': its servers become backends "
+               "(for autoscale, the nodes the testbed actuator scales onto)", (BALANCE, AUTOSCALE)),
         Option("policy", _POLICIES, "random", "dispatch policy: {choices}",
                _BALANCER),
         Option("health_interval", positive_float, 1.0, "seconds between active /readyz checks", (BALANCE,)),
@@ -435,8 +435,8 @@ OPTIONS: dict[str, Option] = {
         Option("per_worker", positive_float, 5.0, "queue_depth policy: jobs in the queue per worker", (UP, AUTOSCALE)),
         Option("target_load", positive_float, 2.0, "target policy: requests in flight or queued per worker",
                (UP, AUTOSCALE), role_flags={AUTOSCALE: "--target"}),
-        Option("tolerance", non_negative_float, 0.1, "target policy: no change within this share of the target",
-               (UP, AUTOSCALE)),
+        Option("tolerance", non_negative_float, 0.1, "target policy: no change within this share of the target; "
+               "slo policy: scale down only to a pool that also fits a rate this share higher", (UP, AUTOSCALE)),
         Option("upscale_delay", non_negative_float, 30.0,
                "target policy: seconds of steady demand before scaling up (Ray Serve's upscale_delay_s)",
                (UP, AUTOSCALE)),
@@ -455,6 +455,14 @@ OPTIONS: dict[str, Option] = {
                (UP, AUTOSCALE), role_flags={AUTOSCALE: "--window"}),
         Option("balancer_url", url, None, "push mode: the balancer whose servers the autoscaler sizes",
                (AUTOSCALE,), role_flags={AUTOSCALE: "--balancer"}),
+        Option("actuator", choice("local", "testbed"), "local",
+               "where the autoscaler starts workers or servers: local processes, or testbed (the --cluster's "
+               "server nodes, over SSH)", (AUTOSCALE,)),
+        Option("ssh_key", text, None, "testbed actuator: SSH private key for the nodes", (AUTOSCALE,)),
+        Option("known_hosts", text, None, "testbed actuator: known_hosts file for the nodes' host keys "
+               "(default ~/.ssh/known_hosts)", (AUTOSCALE,)),
+        Option("remote_dir", text, "imgclass", "testbed actuator: the project folder on each node, as deploy "
+               "made it (relative to the login's home)", (AUTOSCALE,)),
         # local cluster
         Option("servers", positive_int, 3, "number of model servers 'imgclass up' starts", (UP,)),
         Option("workers", positive_int, 2, "number of queue workers 'imgclass up --dispatch queue' starts", (UP,)),

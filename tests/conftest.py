@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import shutil
+import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -173,3 +177,59 @@ class ServedApp:
         self.server.should_exit = True
         self.thread.join(timeout)
         self.loop.close()
+
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real OpenSSH server on 127.0.0.1 that lets this user in with a key of its own: the 'nodes'
+    of deploy tests are folders reached through it."""
+    if not (Path(SSHD).exists() and shutil.which("ssh") and shutil.which("ssh-keygen")):
+        pytest.skip("needs OpenSSH: install Debian openssh-server (./install_script.sh --dev)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = free_port()
+    config = d / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+LogLevel ERROR
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"sshd exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+                time.sleep(0.1)
+        yield {"port": str(port), "key": str(d / "client_key"), "known_hosts": str(d / "known_hosts"),
+               "user": getpass.getuser()}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()

@@ -102,6 +102,45 @@ class LocalWorkers(LocalPool):
         super().__init__(worker_args, "worker", logger, env)
 
 
+class BalancerAdmin:
+    """The balancer's admin API, as the actuators use it: add a server once ready, remove it before
+    it stops."""
+
+    def __init__(self, balancer_url: str, admin_token: str, logger: log.EventLogger) -> None:
+        self.balancer_url = balancer_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
+        self.logger = logger
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> int:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        data = json.dumps(body).encode() if body is not None else None
+        async with self.session.request(method, self.balancer_url + path, data=data, headers=self.headers) as r:
+            await r.read()
+            return r.status
+
+    async def add(self, url: str) -> bool:
+        try:
+            status = await self._call("POST", "/backends", {"url": url})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.logger.error("register_failed", url=url, message=str(exc))
+            return False
+        if status != 201:
+            self.logger.error("register_failed", url=url, status=status)
+        return status == 201
+
+    async def remove(self, url: str) -> None:
+        try:
+            await self._call("DELETE", f"/backends?url={url}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.logger.error("deregister_failed", url=url, message=str(exc))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
 class LocalServers(LocalPool):
     """Model servers as child processes, registered with the balancer through its admin API once
     ready, and removed from it before they are stopped."""
@@ -113,36 +152,15 @@ class LocalServers(LocalPool):
         env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(server_args, "server", logger, env)
-        self.balancer_url = balancer_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
-        self.session: aiohttp.ClientSession | None = None
-
-    async def _admin(self, method: str, path: str, body: dict[str, str] | None = None) -> int:
-        if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        data = json.dumps(body).encode() if body is not None else None
-        async with self.session.request(method, self.balancer_url + path, data=data, headers=self.headers) as r:
-            await r.read()
-            return r.status
+        self.admin = BalancerAdmin(balancer_url, admin_token, logger)
 
     async def admit(self, child: Child) -> bool:
-        try:
-            status = await self._admin("POST", "/backends", {"url": child.url or ""})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.logger.error("register_failed", url=child.url, message=str(exc))
-            return False
-        if status != 201:
-            self.logger.error("register_failed", url=child.url, status=status)
-        return status == 201
+        return await self.admin.add(child.url or "")
 
     async def retire(self, child: Child) -> None:
         # out of the balancer first: nothing new reaches it; then SIGTERM lets it answer what it holds
-        try:
-            await self._admin("DELETE", f"/backends?url={child.url}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.logger.error("deregister_failed", url=child.url, message=str(exc))
+        await self.admin.remove(child.url or "")
 
     async def close(self) -> None:
         await super().close()
-        if self.session is not None:
-            await self.session.close()
+        await self.admin.close()

@@ -123,6 +123,7 @@ async def one_run(mode: str, policy: str, schedule: Schedule, args: argparse.Nam
     """One trace against one policy ("fixed-N" for a fixed pool of N): requests and timeline."""
     deployment = Deployment(mode, args, tmp, logger)
     timeline: list[dict[str, Any]] = []
+    window = None  # the policy's stabilization window, against which flapping is counted
     try:
         fixed = int(policy.split("-", 1)[1]) if policy.startswith("fixed-") else None
         controller = None
@@ -130,6 +131,7 @@ async def one_run(mode: str, policy: str, schedule: Schedule, args: argparse.Nam
             settings = AutoscaleSettings.make(autoscale_policy=policy, scale_min=args.scale_min,
                                               scale_max=args.scale_max, slo_ms=args.slo_ms,
                                               scale_interval=args.interval)  # fmt: skip
+            window = settings.slo_downscale_window if policy == "slo" else settings.downscale_window
             controller = Controller(make_policy(settings), deployment.signals, deployment.actuator, args.interval,
                                     logger)  # fmt: skip
             await controller.start()
@@ -163,7 +165,7 @@ async def one_run(mode: str, policy: str, schedule: Schedule, args: argparse.Nam
         await sampler
     finally:
         await deployment.close()
-    return {"policy": policy, "mode": mode, "records": records, "timeline": timeline}
+    return {"policy": policy, "mode": mode, "records": records, "timeline": timeline, "window": window}
 
 
 def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: float,
@@ -190,9 +192,14 @@ def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: fl
     first_up_end = (reached if reached is not None else step_down) + interval
     outside = [ms for t, ms in latency if not step_up <= t < first_up_end]
     worker_seconds = sum((b["t"] - a["t"]) * (a["running"] or 0) for a, b in itertools.pairwise(timeline))
-    desired = [p["desired"] for p in timeline if p["desired"] is not None]
-    changes = [b - a for a, b in itertools.pairwise(desired) if b != a]
-    reversals = sum(1 for a, b in itertools.pairwise(changes) if (a > 0) != (b > 0))
+    points = [p for p in timeline if p["desired"] is not None]
+    changes = [(b["t"], b["desired"] - a["desired"]) for a, b in itertools.pairwise(points) if b["desired"] != a["desired"]]
+    turns = [t for (_, a), (t, b) in itertools.pairwise(changes) if (a > 0) != (b > 0)]
+    reversals = len(turns)
+    # flapping: the most reversals within any one stabilization window (counted over the whole trace,
+    # transients included, which is stricter than "under steady load")
+    window = run.get("window") or 0.0
+    most_per_window = max((sum(1 for u in turns if t <= u < t + window) for t in turns), default=0) if window else 0
     values = [ms for _, ms in latency]
     return {
         "mode": run["mode"], "policy": run["policy"], "requests": len(records), "errors": errors,
@@ -202,6 +209,7 @@ def figures(run: dict[str, Any], schedule: Schedule, slo_ms: float, interval: fl
         "p50_ms": round(percentile(values, 50), 1), "p99_ms": round(percentile(values, 99), 1),
         "worker_seconds": round(worker_seconds, 1), "peak_workers": max((p["running"] or 0) for p in timeline),
         "scale_up_s": scale_up_s, "scale_down_s": scale_down_s, "direction_changes": reversals,
+        "stabilization_window_s": window, "most_reversals_per_window": most_per_window,
     }  # fmt: skip
 
 

@@ -77,10 +77,12 @@ def timeline_figure(out: Path) -> list[Path]:
         depth.set_ylabel("queue depth", fontsize=8, color="tab:purple")
         depth.set_ylim(bottom=0)
         row = rows.get(name, {})
-        pool.set_title(f"{name}: {row.get('worker_seconds', '?')} worker-s, up in {row.get('scale_up_s', '–')} s, "
-                       f"down in {row.get('scale_down_s', '–')} s", fontsize=8, loc="left")  # fmt: skip
-        load.set_title(f"{row.get('requests', '?')} requests, {row.get('direction_changes', '?')} direction changes",
+        up, down = row.get("scale_up_s"), row.get("scale_down_s")
+        pool.set_title(f"{name}: {row.get('worker_seconds', '?')} worker-s\n"
+                       f"up in {'–' if up is None else f'{up} s'}, down in {'–' if down is None else f'{down} s'}",
                        fontsize=8, loc="left")  # fmt: skip
+        load.set_title(f"{row.get('requests', '?')} requests\n{row.get('direction_changes', '?')} direction changes, "
+                       f"at most {row.get('most_reversals_per_window', '?')} per window", fontsize=8, loc="left")  # fmt: skip
         centres, p50, p99 = rolling(run.get("latency") or [], WINDOW_S, end)
         lat.plot(centres, p50, color="tab:green", lw=1.2)
         lat.plot(centres, p99, color="tab:red", lw=1.2)
@@ -88,7 +90,7 @@ def timeline_figure(out: Path) -> list[Path]:
             lat.axhline(slo, color="k", lw=0.8, ls=":")
         lat.set_yscale("log")
         lat.set_ylabel("latency ms", fontsize=8)
-        lat.set_title(f"{percent(row.get('over_slo'))} over the SLO, p99 {row.get('p99_ms', '?')} ms, "
+        lat.set_title(f"{percent(row.get('over_slo'))} over the SLO, p99 {row.get('p99_ms', '?')} ms\n"
                       f"{row.get('errors', '?')} errors",
                       fontsize=8, loc="left")  # fmt: skip
         plain_log_ticks(lat.yaxis)

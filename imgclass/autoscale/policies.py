@@ -148,11 +148,12 @@ class SloSizing(ScalingPolicy):
     name = "slo"
 
     def __init__(self, bounds: Bounds, slo_s: float, headroom: float = 1.25, quantile: float | None = 0.95,
-                 down_window: float = 60.0) -> None:  # fmt: skip
+                 down_window: float = 60.0, tolerance: float = 0.1) -> None:  # fmt: skip
         super().__init__(bounds)
         self.slo_s = slo_s
         self.headroom = headroom
         self.quantile = quantile  # None: size by the mean
+        self.tolerance = tolerance  # scale down only if the smaller pool also fits (1 + tolerance) x the rate
         self.stabilizer = _Stabilizer(0.0, down_window)
 
     def feasible(self, service_rate: float) -> bool:
@@ -184,11 +185,20 @@ class SloSizing(ScalingPolicy):
             # No rates measured yet: hold, unless jobs are waiting and nobody works on them.
             raw = obs.current if obs.current or not obs.depth else 1
             return Decision(self.bounds.clamp(raw), raw, "no rates measured yet")
-        raw = self.size(obs.arrival_rate, obs.service_rate)
         # a backlog the model does not see (it is a steady-state model): drain it within the budget
         backlog = math.ceil(obs.depth * (1 / obs.service_rate) / (self.slo_s / self.headroom)) if obs.depth else 0
-        raw = max(raw, min(backlog, self.bounds.maximum))
-        desired, why = self.stabilizer.apply(obs.time, obs.current, self.bounds.clamp(raw))
+        backlog = min(backlog, self.bounds.maximum)
+        raw = max(self.size(obs.arrival_rate, obs.service_rate), backlog)
+        recommended = raw
+        if raw < obs.current:
+            # Hysteresis: a measured rate moves by a few percent from one evaluation to the next, and at
+            # the edge between c and c + 1 that alone would take a worker away and bring it back. Down
+            # only to a size that also fits a rate (1 + tolerance) higher.
+            kept = max(self.size(obs.arrival_rate * (1 + self.tolerance), obs.service_rate), backlog)
+            recommended = min(obs.current, kept)
+        desired, why = self.stabilizer.apply(obs.time, obs.current, self.bounds.clamp(recommended))
+        if recommended != raw:
+            why += f" (a rate {self.tolerance:.0%} higher needs {recommended})"
         what = f"p{self.quantile * 100:g}" if self.quantile else "mean"
         goal = (f"M/M/c {what} under {self.slo_s * 1000:.0f}/{self.headroom:g} ms" if self.feasible(obs.service_rate)
                 else f"the service time alone misses {self.slo_s * 1000:.0f}/{self.headroom:g} ms; at most 5% waiting")  # fmt: skip

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .. import config, log
 from ..errors import ConfigError
 from ..queue.broker import Broker, client
+from ..testbed.deploy import Connection, Deployer, Target, peer_address, targets_from_cluster
 from ..web.app import App, Limits, Request, Response, json_response
 from ..web.metrics import healthz, metrics_handler
 from ..web.server import ServerOptions, bind_socket, serve, socket_url
-from .actuators import Actuator, LocalServers, LocalWorkers
+from .actuators import Actuator, BalancerAdmin, LocalServers, LocalWorkers
 from .controller import Controller
+from .nodes import TestbedNodes
 from .policies import Bounds, QueueDepth, ScalingPolicy, SloSizing, TargetTracking
 from .signals import PushSignals, QueueSignals, Signals
 
@@ -53,6 +56,11 @@ class AutoscaleSettings:
     headroom: float
     rate_window: float
     balancer_url: str | None
+    actuator: str
+    cluster: str | None
+    ssh_key: str | None
+    known_hosts: str | None
+    remote_dir: str
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> AutoscaleSettings:
@@ -65,6 +73,9 @@ class AutoscaleSettings:
         if settings.dispatch == "push" and not (settings.balancer_url and settings.admin_token):
             raise ConfigError("push mode: pass --balancer URL and --admin-token (or IMGCLASS_ADMIN_TOKEN), "
                               "to add and remove servers through the balancer's admin API.")  # fmt: skip
+        if settings.actuator == "testbed" and not settings.cluster:
+            raise ConfigError("--actuator testbed: pass --cluster cluster.json, whose server nodes it scales onto "
+                              "(from 'imgclass testbed hosts').")  # fmt: skip
         return settings
 
     @classmethod
@@ -81,12 +92,13 @@ def make_policy(settings: AutoscaleSettings) -> ScalingPolicy:
         return TargetTracking(bounds, settings.target_load, settings.tolerance, settings.upscale_delay,
                               settings.downscale_window)  # fmt: skip
     return SloSizing(bounds, settings.slo_ms / 1000, settings.headroom, settings.slo_quantile or None,
-                     settings.slo_downscale_window)  # fmt: skip
+                     settings.slo_downscale_window, settings.tolerance)  # fmt: skip
 
 
-def model_args(settings: AutoscaleSettings) -> list[str]:
-    args = ["--backend", settings.backend, "--model-dir", settings.model_dir, "--service-time", settings.service_time,
-            "--log-level", settings.log_level]  # fmt: skip
+def model_args(settings: AutoscaleSettings, model_dir: str | None) -> list[str]:
+    args = ["--backend", settings.backend, "--service-time", settings.service_time, "--log-level", settings.log_level]
+    if model_dir:
+        args += ["--model-dir", model_dir]
     if settings.max_batch:
         args += ["--max-batch", str(settings.max_batch)]
     if settings.seed is not None:
@@ -94,22 +106,73 @@ def model_args(settings: AutoscaleSettings) -> list[str]:
     return args
 
 
+def queue_args(settings: AutoscaleSettings) -> list[str]:
+    return ["--heartbeat-ttl", str(settings.heartbeat_ttl), "--max-deliveries", str(settings.max_deliveries),
+            "--result-ttl", str(settings.result_ttl)]  # fmt: skip
+
+
+def push_args(settings: AutoscaleSettings) -> list[str]:
+    return ["--max-queue", str(settings.max_queue), "--max-wait-ms", str(settings.max_wait_ms)]
+
+
+def local_actuator(settings: AutoscaleSettings, logger: log.EventLogger) -> Actuator:
+    model = model_args(settings, settings.model_dir)
+    if settings.dispatch == "queue":
+        assert settings.redis is not None
+        return LocalWorkers(["worker", "--host", "127.0.0.1", "--port", "0", "--redis", settings.redis,
+                             *queue_args(settings), *model], logger)  # fmt: skip
+    assert settings.balancer_url is not None and settings.admin_token is not None
+    server = ["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *push_args(settings), *model]
+    return LocalServers(server, settings.balancer_url, settings.admin_token, logger)
+
+
+def nodes_actuator(settings: AutoscaleSettings, logger: log.EventLogger) -> Actuator:
+    """The cluster's server nodes, over SSH, with the deploy code: a worker there reaches Redis on the
+    balancer node over its own link, as deploy wires it; a server joins the balancer at its data address."""
+    assert settings.cluster is not None
+    targets = targets_from_cluster(settings.cluster, None, settings.remote_dir)
+    nodes = [t for t in targets if t.role == "server"]
+    if len(nodes) < settings.scale_max:
+        raise ConfigError(f"{settings.cluster} lists {len(nodes)} server node(s), fewer than --max "
+                          f"{settings.scale_max}; lower --max or reserve more nodes.")  # fmt: skip
+    deployer = Deployer(targets, Connection(None, settings.ssh_key, settings.known_hosts, False),
+                        out=lambda line: logger.info("deploy", line=line), dispatch=settings.dispatch)  # fmt: skip
+    # a path on the nodes only if absolute; else each node's own models/ folder, which install fetches
+    node_model_dir = settings.model_dir if settings.model_dir.startswith("/") else None
+    model = model_args(settings, node_model_dir)
+
+    def listen(t: Target) -> list[str]:
+        return ["--host", "0.0.0.0", "--port", str(t.service_port), "--name", t.name]
+
+    if settings.dispatch == "queue":
+        hubs = [t for t in targets if t.role == "balancer"]
+        if len(hubs) != 1:
+            raise ConfigError(f"{settings.cluster}: queue mode needs exactly one balancer node, where Redis runs.")
+        hub = hubs[0]
+        return TestbedNodes(deployer, nodes, "worker", lambda t: [
+            "--redis", f"redis://{peer_address(t, hub)}:{hub.redis_port}/0", *listen(t), *queue_args(settings), *model,
+        ], logger, node_model_dir)  # fmt: skip
+    assert settings.balancer_url is not None and settings.admin_token is not None
+    admin = BalancerAdmin(settings.balancer_url, settings.admin_token, logger)
+    return TestbedNodes(deployer, nodes, "server", lambda t: [*listen(t), *push_args(settings), *model], logger,
+                        node_model_dir, admin)  # fmt: skip
+
+
+ACTUATORS: dict[str, Callable[[AutoscaleSettings, log.EventLogger], Actuator]] = {
+    "local": local_actuator,
+    "testbed": nodes_actuator,
+}
+
+
 def build(settings: AutoscaleSettings, logger: log.EventLogger) -> Controller:
     signals: Signals
-    actuator: Actuator
     if settings.dispatch == "queue":
         assert settings.redis is not None
         signals = QueueSignals(Broker(client(settings.redis, timeout=1.0)), settings.rate_window)
-        actuator = LocalWorkers(["worker", "--host", "127.0.0.1", "--port", "0", "--redis", settings.redis,
-                                 "--heartbeat-ttl", str(settings.heartbeat_ttl), "--max-deliveries",
-                                 str(settings.max_deliveries), "--result-ttl", str(settings.result_ttl),
-                                 *model_args(settings)], logger)  # fmt: skip
     else:
-        assert settings.balancer_url is not None and settings.admin_token is not None
+        assert settings.balancer_url is not None
         signals = PushSignals(settings.balancer_url, settings.rate_window)
-        server = ["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--max-queue",
-                  str(settings.max_queue), "--max-wait-ms", str(settings.max_wait_ms), *model_args(settings)]  # fmt: skip
-        actuator = LocalServers(server, settings.balancer_url, settings.admin_token, logger)
+    actuator = ACTUATORS[settings.actuator](settings, logger)
     return Controller(make_policy(settings), signals, actuator, settings.scale_interval, logger)
 
 

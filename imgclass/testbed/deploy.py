@@ -263,16 +263,27 @@ class Deployer:
         self._each(self.targets, one)
         return sorted(rows)
 
+    def installed(self, target: Target) -> bool:
+        """Whether the node already has the project and its venv (a node deploy has set up)."""
+        script = f"test -x {shlex.quote(target.directory)}/.venv/bin/imgclass && echo yes || echo no"
+        return self.conn.dry_run or self._remote(target, script, timeout=60).strip() == "yes"
+
+    def stop_process(self, t: Target, process: str, wait_s: float = 10) -> None:
+        """Stop one process of a node: its systemd unit if it has one, else the nohup'd PID, with
+        SIGTERM and `wait_s` to finish what it holds before SIGKILL."""
+        tries = max(1, round(wait_s * 10))
+        self._remote(t, (
+            f"{AS_ROOT}if command -v systemctl >/dev/null && [ -f /etc/systemd/system/imgclass-{process}.service ]"
+            f"; then $S systemctl stop imgclass-{process} 2>/dev/null || true; fi; "
+            f"cd {shlex.quote(t.directory)} 2>/dev/null || exit 0; f=imgclass-{process}.pid; [ -f $f ] || "
+            f"exit 0; p=$(cat $f); kill $p 2>/dev/null; for i in $(seq 1 {tries}); do kill -0 $p 2>/dev/null || "
+            f"break; sleep 0.1; done; kill -9 $p 2>/dev/null; rm -f $f; true"
+        ), timeout=wait_s + 80)  # fmt: skip
+
     def stop(self) -> None:
         def one(t: Target, processes: tuple[str, ...]) -> None:
             for process in processes:
-                self._remote(t, (
-                    f"{AS_ROOT}if command -v systemctl >/dev/null && [ -f /etc/systemd/system/imgclass-{process}.service ]"
-                    f"; then $S systemctl stop imgclass-{process} 2>/dev/null || true; fi; "
-                    f"cd {shlex.quote(t.directory)} 2>/dev/null || exit 0; f=imgclass-{process}.pid; [ -f $f ] || "
-                    f"exit 0; p=$(cat $f); kill $p 2>/dev/null; for i in $(seq 1 100); do kill -0 $p 2>/dev/null || "
-                    f"break; sleep 0.1; done; kill -9 $p 2>/dev/null; rm -f $f; true"
-                ), timeout=90)  # fmt: skip
+                self.stop_process(t, process)
 
         # the balancer (or the front) first, so it stops sending; then servers and workers; Redis last
         balancers = [t for t in self.targets if t.role == "balancer"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import secrets
@@ -18,24 +17,17 @@ from pathlib import Path
 
 import pytest
 import redis
-from PIL import Image
 
 from imgclass import log
 from imgclass.autoscale.actuators import LocalServers, LocalWorkers
 from imgclass.queue.redis_server import RedisServer
 
 from ..conftest import descendants, http, multipart
+from .conftest import load
 
 pytestmark = pytest.mark.integration
 
 SLEEP = ("--backend", "sleep", "--log-level", "WARNING")
-
-
-@pytest.fixture(scope="module")
-def small_jpeg(images_dir: Path) -> bytes:
-    buf = io.BytesIO()
-    Image.open(images_dir / "parrot.jpg").convert("RGB").resize((64, 64)).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -99,24 +91,6 @@ def test_queue_burst_scales_up_within_delay_plus_interval_and_down_after_the_win
     wait_for(lambda: metrics(scaler)["imgclass_autoscale_current"] == 1, 30, "back to one worker")
     text = http("GET", scaler + "/metrics")[2].decode()
     assert 'action="up"' in text and 'action="down"' in text
-
-
-def load(url: str, body: bytes, ctype: str, rate: float, seconds: float) -> list[int]:
-    """Requests at a fixed rate from threads, each waiting for its answer; their statuses."""
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        status = http("POST", url, body, {"Content-Type": ctype}, timeout=60)[0]
-        with lock:
-            statuses.append(status)
-
-    with ThreadPoolExecutor(64) as pool:
-        started = time.monotonic()
-        for k in range(int(rate * seconds)):
-            time.sleep(max(0.0, started + k / rate - time.monotonic()))
-            pool.submit(one)
-    return statuses
 
 
 def test_queue_scale_in_under_load_costs_no_error_and_loses_no_job(

@@ -211,3 +211,16 @@ def test_slo_scale_down_waits_its_window() -> None:
     assert policy.decide(obs(0, 1, 0, arrival=64, mu=10)).desired == 9
     assert policy.decide(obs(20, 9, 0, arrival=8, mu=10)).desired == 9
     assert policy.decide(obs(31, 9, 0, arrival=8, mu=10)).desired < 9
+
+
+def test_slo_scales_down_only_to_a_pool_that_fits_a_rate_a_tolerance_higher() -> None:
+    # mu 10/s, p95 budget 400 ms: 50/s needs 7 workers (p95 with 7 fits), but 55/s needs 8, so a pool of 8
+    # at a measured 50/s stays at 8; at 44/s (48.4/s with 10% more) 7 fits both, and the pool shrinks.
+    policy = SloSizing(Bounds(1, 20), slo_s=0.5, headroom=1.25, quantile=0.95, down_window=0, tolerance=0.1)
+    assert policy.size(50, 10) == 7 and policy.size(55, 10) == 8 and policy.size(48.4, 10) == 7
+    held = policy.decide(obs(0, 8, 0, arrival=50, mu=10))
+    assert (held.raw, held.desired) == (7, 8) and "10% higher needs 8" in held.reason
+    assert policy.decide(obs(1, 8, 0, arrival=44, mu=10)).desired == 7
+    assert policy.decide(obs(2, 7, 0, arrival=55, mu=10)).desired == 8  # up needs no margin: at once
+    bare = SloSizing(Bounds(1, 20), slo_s=0.5, headroom=1.25, quantile=0.95, down_window=0, tolerance=0)
+    assert bare.decide(obs(0, 8, 0, arrival=50, mu=10)).desired == 7
