@@ -16,6 +16,7 @@ from .process import Child, ChildFailed, stop_all
 from .queue.redis_server import RedisServer
 
 REDIS_DIR = Path(__file__).resolve().parents[1] / "var" / "redis"  # the queue's AOF, kept across runs
+AUTOSCALED_MAX_CONN = 2  # requests in flight per server when up --autoscale sizes the servers (push mode)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +133,9 @@ class LocalCluster:
             # the admin API needs a token; one made here stays between the two processes
             token = self.ns.admin_token or secrets.token_urlsafe(24)
             self.ns.admin_token = token
-            self.balancer = self._balancer(self.ns.port, self.ns.max_conn)
+            # Beyond a few requests per server the backlog waits in the balancer, where a server the
+            # autoscaler adds takes from it; sent on at once, it would wait behind the servers it reached.
+            self.balancer = self._balancer(self.ns.port, self.ns.max_conn or AUTOSCALED_MAX_CONN)
             url = self.balancer.wait_url()
             local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
             pool = ["--balancer", local]

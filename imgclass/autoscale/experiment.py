@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import log
 from ..config import parse_service_time
+from ..local import AUTOSCALED_MAX_CONN
 from ..measure import loadgen
 from ..measure.experiment import (
     announce,
@@ -101,8 +102,10 @@ class Deployment:
                                                     "3", *model], logger, env=ENV)  # fmt: skip
         else:
             token = secrets.token_hex(16)
+            # --max-conn 2: the backlog waits in the balancer, where a server added later takes from it,
+            # not behind the servers it was sent to (as imgclass up --autoscale runs it)
             front = Child(["balance", "--port", "0", "--policy", "least_outstanding", "--queue-size", "1000000",
-                           "--timeout", "600", "--health-interval", "0.5"],
+                           "--timeout", "600", "--health-interval", "0.5", "--max-conn", str(AUTOSCALED_MAX_CONN)],
                           env={**ENV, "IMGCLASS_ADMIN_TOKEN": token})  # fmt: skip
             self.children.append(front)
             self.url = front.wait_url()
