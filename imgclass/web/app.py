@@ -118,11 +118,11 @@ def too_large(limit: int) -> PayloadTooLarge:
 
 # X-Request-ID is copied into logs and other servers' requests: only a plain token is taken as
 # given; anything else (too long, spaces, quotes, control characters) is replaced by a fresh id.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+/=-]{1,128}")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+/=-]{1,128}")
 
 
 def request_id(supplied: str | None) -> str:
-    if supplied and _REQUEST_ID.fullmatch(supplied):
+    if supplied and REQUEST_ID_PATTERN.fullmatch(supplied):
         return supplied
     return log.new_request_id()
 

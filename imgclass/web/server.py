@@ -74,7 +74,7 @@ class _UvicornLog(logging.Handler):
         emit("http_server", message=record.getMessage().splitlines()[0])
 
 
-def _attach_uvicorn_log(logger: log.EventLogger) -> None:
+def attach_uvicorn_log(logger: log.EventLogger) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         target = logging.getLogger(name)
         target.handlers = [_UvicornLog(logger)]
@@ -108,7 +108,7 @@ async def serve(app: App, sock: socket.socket, options: ServerOptions | None = N
     """
     options = options or ServerOptions()
     logger = app.logger
-    _attach_uvicorn_log(logger)
+    attach_uvicorn_log(logger)
     config = uvicorn_config(app, options)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in place

@@ -29,7 +29,7 @@ from ...errors import NoBackendAvailable, NotFound
 from ...serving.protocols.wire import OIP_MODEL, TFS_MODEL, guarded, model_paths
 from ...web.app import App, Limits, Request, Response, json_response
 from ...web.metrics import healthz
-from ...web.server import BACKLOG, ServerOptions, _attach_uvicorn_log, bind_socket, run, socket_url, uvicorn_config
+from ...web.server import BACKLOG, ServerOptions, attach_uvicorn_log, bind_socket, run, socket_url, uvicorn_config
 from ..admin import check_token, url_to_add, url_to_remove
 from ..app import load_page, no_icon
 from ..protocols import sum_stats
@@ -211,7 +211,7 @@ async def serve(app: App, plane: ControlPlane, sock: socket.socket, options: Ser
     The lines `listening url=...` and `stopped` are what supervisors (imgclass up, the tests) wait for.
     """
     logger = app.logger
-    _attach_uvicorn_log(logger)
+    attach_uvicorn_log(logger)
     try:
         # HAProxy first, outside uvicorn's startup: a failure to start it is a named error that the
         # command reports in one sentence (uvicorn would exit from inside its task instead).

@@ -28,7 +28,7 @@ from ...errors import (
     UpstreamTimeout,
     unexpected,
 )
-from ...web.app import _REQUEST_ID, Limits, too_large
+from ...web.app import REQUEST_ID_PATTERN, Limits, too_large
 from ...web.server import ServerOptions
 from ..policies import POLICIES
 from ..settings import BalancerSettings
@@ -221,7 +221,7 @@ def _frontend(settings: BalancerSettings, layout: Layout) -> list[str]:
         f"    bind fd@{layout.public_fd}",
         f"    unique-id-format {UNIQUE_ID}",
         # X-Request-ID: the client's if it is one plain token, else a fresh one (as web.app does)
-        f"    acl request_id_ok req.fhdr(x-request-id) -m reg ^{_REQUEST_ID.pattern}$",
+        f"    acl request_id_ok req.fhdr(x-request-id) -m reg ^{REQUEST_ID_PATTERN.pattern}$",
         "    acl request_id_one req.fhdr_cnt(x-request-id) eq 1",
         "    http-request set-header X-Request-ID %[unique-id] unless request_id_one request_id_ok",
         "    http-request set-var(txn.rid) req.fhdr(x-request-id)",
