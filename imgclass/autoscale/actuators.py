@@ -28,6 +28,10 @@ class Actuator(ABC):
     @abstractmethod
     def ready(self) -> int: ...
 
+    async def adopt(self) -> None:
+        """Take over what already serves, before the first decision (nothing, for local processes)."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -126,6 +130,8 @@ class BalancerAdmin:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.logger.error("register_failed", url=url, message=str(exc))
             return False
+        if status == 409:  # listed already (a deploy's --backends, or an earlier controller)
+            return True
         if status != 201:
             self.logger.error("register_failed", url=url, status=status)
         return status == 201

@@ -43,6 +43,10 @@ class Controller:
         self.started = time.monotonic()
 
     async def start(self) -> None:
+        # What already serves (testbed nodes a deploy started) is the pool's first size: starting at
+        # --min would cut a loaded service's capacity before anything was measured.
+        await self.actuator.adopt()
+        self.desired = self.policy.bounds.clamp(self.actuator.ready)
         await self.actuator.scale_to(self.desired)
 
     async def step(self) -> Decision | None:

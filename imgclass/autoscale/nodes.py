@@ -43,6 +43,7 @@ class TestbedNodes(Actuator):
         self.admin = admin  # push mode: servers join and leave the balancer through it
         self.serving: list[Target] = []  # in the order they joined; the last to join leaves first
         self.adopted = False
+        self.draining: set[str] = set()  # names of nodes being stopped in the background
         self.stopping: set[asyncio.Future[None]] = set()
 
     @property
@@ -54,17 +55,23 @@ class TestbedNodes(Actuator):
         """Where the balancer reaches a node's server: its data-plane address, as deploy registers it."""
         return f"http://{node.data_ip or node.host}:{node.service_port}"
 
-    async def _adopt(self) -> None:
-        async def up(node: Target) -> bool:
+    async def adopt(self) -> None:
+        if self.adopted:
+            return
+
+        async def serving(node: Target) -> bool:
+            # the role itself must run there (its unit or its PID), not only something on its port:
+            # a node serving the other role (server vs worker) answers /healthz too
             try:
-                return (await asyncio.to_thread(self.deployer.probe, node, READY[self.process])) == "up"
+                up = await asyncio.to_thread(self.deployer.probe, node, READY[self.process])
+                return up == "up" and await asyncio.to_thread(self.deployer.running, node, self.process)
             except Exception as exc:  # an unreachable node is simply not serving
                 self.logger.warning("probe_failed", node=node.name, message=str(exc)[:300])
                 return False
 
-        states = await asyncio.gather(*(up(n) for n in self.nodes))
-        for node, serving in zip(self.nodes, states, strict=True):
-            if serving and (self.admin is None or await self.admin.add(self.url_of(node))):
+        states = await asyncio.gather(*(serving(n) for n in self.nodes))
+        for node, up in zip(self.nodes, states, strict=True):
+            if up and (self.admin is None or await self.admin.add(self.url_of(node))):
                 self.serving.append(node)
                 self.logger.info("adopted", node=node.name, role=self.process)
         self.adopted = True
@@ -77,20 +84,28 @@ class TestbedNodes(Actuator):
         self.deployer.start(node, self.process, self.args_of(node), self.model_dir)
 
     async def _stop(self, node: Target) -> None:
-        if self.admin is not None:
-            # out of the balancer first: nothing new reaches it; then SIGTERM lets it answer what it holds
-            await self.admin.remove(self.url_of(node))
-        await asyncio.to_thread(self.deployer.stop_process, node, self.process, self.stop_timeout)
-        self.logger.info("stopped", node=node.name, role=self.process)
+        """Out of service, then stopped; a failure is logged, never raised into the controller's loop."""
+        self.draining.add(node.name)
+        try:
+            if self.admin is not None:
+                # out of the balancer first: nothing new reaches it; then SIGTERM lets it answer what it holds
+                await self.admin.remove(self.url_of(node))
+            await asyncio.to_thread(self.deployer.stop_process, node, self.process, self.stop_timeout)
+            self.logger.info("stopped", node=node.name, role=self.process)
+        except Exception as exc:
+            self.logger.error("stop_failed", node=node.name, role=self.process, message=str(exc)[:500])
+        finally:
+            self.draining.discard(node.name)
 
     async def scale_to(self, count: int) -> None:
-        if not self.adopted:
-            await self._adopt()
-        busy = {n.name for n in self.serving}
-        spare = [n for n in self.nodes if n.name not in busy]
-        if count > len(self.nodes):
-            self.logger.warning("too_few_nodes", wanted=count, nodes=len(self.nodes))
+        await self.adopt()
+        # a node still draining is not spare: started again now, its late stop would kill the new process
+        taken = {n.name for n in self.serving} | self.draining
+        spare = [n for n in self.nodes if n.name not in taken]
         new = spare[: max(0, count - len(self.serving))]
+        if len(self.serving) + len(new) < count:
+            self.logger.warning("too_few_nodes", wanted=count, serving=len(self.serving), spare=len(spare),
+                                draining=len(self.draining))  # fmt: skip
         started = await asyncio.gather(*(asyncio.to_thread(self._start, n) for n in new), return_exceptions=True)
         for node, result in zip(new, started, strict=True):
             admitted = not isinstance(result, BaseException) and (
@@ -104,6 +119,7 @@ class TestbedNodes(Actuator):
         if len(self.serving) > count:
             surplus, self.serving = self.serving[count:], self.serving[:count]
             for node in surplus:
+                self.draining.add(node.name)  # at once: the next call must not see it as spare
                 task = asyncio.ensure_future(self._stop(node))
                 self.stopping.add(task)
                 task.add_done_callback(self.stopping.discard)

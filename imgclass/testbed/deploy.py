@@ -277,8 +277,16 @@ class Deployer:
             f"; then $S systemctl stop imgclass-{process} 2>/dev/null || true; fi; "
             f"cd {shlex.quote(t.directory)} 2>/dev/null || exit 0; f=imgclass-{process}.pid; [ -f $f ] || "
             f"exit 0; p=$(cat $f); kill $p 2>/dev/null; for i in $(seq 1 {tries}); do kill -0 $p 2>/dev/null || "
-            f"break; sleep 0.1; done; kill -9 $p 2>/dev/null; rm -f $f; true"
+            # the file may name a newer process by now (started meanwhile): only ours is forgotten
+            f"break; sleep 0.1; done; kill -9 $p 2>/dev/null; [ \"$(cat $f 2>/dev/null)\" = \"$p\" ] && rm -f $f; true"
         ), timeout=wait_s + 80)  # fmt: skip
+
+    def running(self, t: Target, process: str) -> bool:
+        """Whether `process` runs on the node: its systemd unit is active, or its nohup PID is alive."""
+        script = (f"if systemctl is-active --quiet imgclass-{process} 2>/dev/null; then echo yes; exit 0; fi; "
+                  f"cd {shlex.quote(t.directory)} 2>/dev/null && [ -f imgclass-{process}.pid ] && "
+                  f"kill -0 $(cat imgclass-{process}.pid) 2>/dev/null && echo yes || echo no")  # fmt: skip
+        return self._remote(t, script, timeout=60).strip() == "yes"
 
     def stop(self) -> None:
         def one(t: Target, processes: tuple[str, ...]) -> None:

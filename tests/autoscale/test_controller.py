@@ -60,6 +60,26 @@ def test_starts_at_the_minimum_and_follows_the_policy() -> None:
     assert pool.calls == [2, 4, 10, 2]
 
 
+class Adopting(Pool):
+    """A pool that finds `found` already serving (testbed nodes a deploy started)."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__()
+        self.found = found
+
+    async def adopt(self) -> None:
+        self.size = self.found
+
+
+@pytest.mark.parametrize(("found", "first"), [(5, 5), (0, 2), (14, 10)])
+def test_the_first_size_is_what_was_adopted_clamped(found: int, first: int) -> None:
+    pool = Adopting(found)
+    c = Controller(QueueDepth(Bounds(2, 10), per_worker=5, down_window=0), Script([]), pool, 1.0,
+                   log.get_logger("t", "autoscale", "WARNING"))  # fmt: skip
+    asyncio.run(c.start())
+    assert c.desired == first and pool.calls == [first]
+
+
 def test_an_unreadable_source_holds_the_pool_instead_of_scaling_to_the_minimum() -> None:
     c, pool = controller([40, None, None, None, 40])
     asyncio.run(steps(c, 5))

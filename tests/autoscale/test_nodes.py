@@ -121,10 +121,23 @@ def test_testbed_nodes_are_installed_started_adopted_and_stopped_over_ssh(
         time.sleep(1.5)
         run(loop, push, 1)
         assert len(json.loads(http("GET", balancer + "/backends")[2])) == 1
+        run(loop, push, 2)  # node2 is still draining: not taken again (its late stop would kill the new server)
+        assert push.ready == 1
         thread.join(90)
         loop.run_until_complete(push.close())
         assert len(result["s"]) == 50 and set(result["s"]) == {200}, result
         assert not answers(ports[1], "/readyz")
+
+        # a new controller adopts the server the balancer lists already (its add is a 409), then grows
+        pid = (tmp_path / "node1" / "imgclass-server.pid").read_text()
+        again = nodes_actuator(settings_for(cluster, sshd, model_dir, dispatch="push", balancer_url=balancer,
+                                            admin_token=token), logger)  # fmt: skip
+        assert isinstance(again, TestbedNodes)
+        loop.run_until_complete(again.adopt())
+        assert again.ready == 1 and (tmp_path / "node1" / "imgclass-server.pid").read_text() == pid
+        run(loop, again, 2)
+        assert again.ready == 2 and len(json.loads(http("GET", balancer + "/backends")[2])) == 2
+        loop.run_until_complete(again.close())
     finally:
         # whatever the test reached: nothing it started on the nodes outlives it
         for target in queue.nodes:
