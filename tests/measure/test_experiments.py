@@ -31,8 +31,10 @@ def test_open_loop_keeps_sending_while_the_server_stalls(spawn, images_dir: Path
     records, summary = loadgen.run(loadgen.Target(url + "/predict", body, ctype), spec)
     a = records.arrays()
     assert len(records) == 20 and summary.ok == 20
-    # every request left on schedule although each answer took 250 ms and they queued up
-    assert np.nanmax(a["sent"] - a["intended"]) < 0.05
+    # every request left on schedule although each answer took 250 ms and they queued up: a client
+    # that waited for answers would send the last one about 4 s late; this one sends within a fraction
+    # of one service time (a loaded CI host has delayed a send by 67 ms)
+    assert np.nanmax(a["sent"] - a["intended"]) < 0.2
     # latency counts from the scheduled time, so queueing shows: the last waits for ~all before it
     assert summary.latency.max > 20 * 250 * 0.8
 
@@ -74,7 +76,14 @@ def test_test_scaling_short_mode(tmp_path: Path, model_dir: Path) -> None:
         assert 6 < float(row["service_mean_ms"]) < 15
         assert abs(float(row["measured_utilisation"]) / float(row["utilisation"]) - 1) < 0.5
         if row["theory_mean_ms"]:
-            assert row["theory_nominal_ms"] != "" and row["nominal_error"] != ""
+            nominal_modelled = True
+            if row["max_conn"] == "1":
+                # the nominal model holds a slot for the configured 10 ms plus the measured round trip;
+                # where the drawn services were shorter than 10 ms, its load can reach 1 while the
+                # measured one does not: then only the measured figure exists (a CI run hit this)
+                hold = (float(row["upstream_mean_ms"]) - float(row["service_mean_ms"]) + 10) / 1000
+                nominal_modelled = float(row["offered_rate"]) * hold / int(row["servers"]) < 1
+            assert (row["theory_nominal_ms"] != "" and row["nominal_error"] != "") == nominal_modelled, row
     for column in ("servers", "policy", "offered_rate", "achieved_rate", "mean_ms", "p50_ms", "p90_ms", "p95_ms",
                    "p99_ms", "p999_ms", "max_ms", "mean_ci_low_ms", "p50_ci_high_ms", "throughput", "errors",
                    "dropped", "theory_mean_ms", "theory_error", "utilisation"):  # fmt: skip
