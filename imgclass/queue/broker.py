@@ -108,8 +108,11 @@ local wrote = 0
 if status ~= false and status ~= 'done' and status ~= 'failed' then
   redis.call('HSET', KEYS[2], 'status', ARGV[3], ARGV[4], ARGV[5], 'worker', ARGV[6], 'finished', ARGV[7])
   if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[8]) end
+  -- the notification carries the whole outcome, 'started' too: a waiter may have looked at the job
+  -- while it was still queued, and merges only what the notification brings
+  local started = redis.call('HGET', KEYS[2], 'started') or ARGV[7]
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'id', ARGV[9], 'status', ARGV[3], ARGV[4], ARGV[5],
-            'worker', ARGV[6], 'finished', ARGV[7])
+            'worker', ARGV[6], 'started', started, 'finished', ARGV[7])
   if ARGV[10] == '1' then
     redis.call('XADD', KEYS[5], '*', 'id', ARGV[9], 'error', ARGV[5], 'worker', ARGV[6])
     redis.call('HINCRBY', KEYS[6], 'dead_lettered', 1)

@@ -280,3 +280,30 @@ def test_workers_batch_from_the_queue(spawn, redis_server: RedisServer, small_jp
         docs = list(pool.map(one, range(16)))
     assert max(d["batch_size"] for d in docs) >= 4
     assert "imgclass_worker_batch_size_bucket" in http("GET", w.url + "/metrics")[2].decode()
+
+
+def test_the_notification_carries_when_the_job_started(redis_server: RedisServer) -> None:
+    # A waiter that looked at its job while it was queued merges only what the notification brings:
+    # without 'started' in it, GET /jobs/{id}?wait= answered "started": null for a done job (CI saw it).
+    import asyncio
+
+    from imgclass.queue.broker import Broker, Outcome, client
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
+        broker = Broker(client(redis_server.url))
+        try:
+            await broker.ensure_group()
+            assert await broker.enqueue("j1", b"image", 5, 0, 60, "r1") == 1
+            assert "started" not in (await broker.job("j1") or {})
+            [(entry, _)] = await broker.redis.xrange(broker.keys.jobs)
+            await broker.start(["j1"], "w1")
+            await broker.finish([Outcome(entry.decode(), "j1", result={"predictions": []})], "w1")
+            [(_, raw)] = await broker.redis.xrange(broker.keys.done)
+            notified = {k.decode(): v.decode() for k, v in raw.items()}
+            return notified, await broker.job("j1") or {}
+        finally:
+            await broker.redis.aclose()
+
+    notified, stored = asyncio.run(scenario())
+    assert notified["started"] == stored["started"] and float(stored["started"]) <= float(notified["finished"])
+    assert notified["status"] == "done" and notified["worker"] == "w1"
